@@ -1,0 +1,31 @@
+# Both targets bootstrap their own virtual environment on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+CIFAR_DIR ?= $(abspath ../shared/data/cifar10/plain)
+
+.PHONY: venv test lint demo bench clean
+
+$(BIN)/timm-skipnet: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/timm-skipnet
+
+lint: venv
+	$(BIN)/ruff check timm_skipnet tests examples
+
+test: venv lint
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+# The main job: a short base -> sp -> rl run of SkipNet-38 on CIFAR-10, ending with the evaluation table.
+demo: venv
+	CIFAR10_DIR=$(CIFAR_DIR) $(BIN)/python examples/demo.py
+
+bench: venv
+	$(BIN)/timm-skipnet bench --model skipnet_resnet50 --batch-sizes 1 8 64
+
+clean:
+	rm -rf $(VENV) runs

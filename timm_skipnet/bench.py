@@ -1,0 +1,122 @@
+"""Wall-clock benchmark: plain timm ResNet vs SkipNet dense vs SkipNet sparse at a chosen execution rate.
+
+Gates are set to a constant probability ``rate`` and sampled per image, so about ``rate`` of the gated blocks run,
+chosen at random for every image: the worst case for batching (no two images need share a path). Gate compute is
+included in every SkipNet timing. Variants are timed interleaved (round robin) and the median is reported, so
+background load drifts hit all of them alike.
+
+R   = MACs(plain ResNet) / mean MACs(SkipNet, measured decisions)  -- the ideal speedup
+S   = latency(plain) / latency(SkipNet)                            -- the measured speedup
+eta = S / R                                                          -- the share of the ideal that is realised
+"""
+import copy
+import statistics
+import time
+from typing import Dict, List, Sequence
+
+import timm
+import torch
+
+from .accounting import measure_mac_table
+from .skipnet import SkipNetResNet, convert_to_skipnet
+
+
+def _base_name(model_name: str) -> str:
+    return model_name[len('skipnet_'):] if model_name.startswith('skipnet_') else model_name
+
+
+def _build(model_name: str, img_size: int):
+    """The plain timm ResNet and a SkipNet with identical backbone weights."""
+    if model_name.startswith('skipnet_') and model_name.endswith('_cifar'):
+        skip = timm.create_model(model_name).eval()
+        plain = copy.deepcopy(skip)
+        plain.set_gate_policy('open')  # a CIFAR ResNet has no timm twin: all-open without gates is the same net
+    else:
+        plain = timm.create_model(_base_name(model_name)).eval()
+        skip = convert_to_skipnet(copy.deepcopy(plain))
+    return plain, skip.eval()
+
+
+@torch.inference_mode()
+def run_bench(model_name: str = 'skipnet_resnet50', batch_sizes: Sequence[int] = (1, 8, 64), rate: float = 0.5,
+              img_size: int = 224, min_time: float = 3.0, min_iters: int = 3, seed: int = 0) -> List[Dict]:
+    torch.manual_seed(seed)
+    plain, skip = _build(model_name, img_size)
+    table = measure_mac_table(skip, (3, img_size, img_size))
+    rows = []
+    for bs in batch_sizes:
+        x = torch.randn(bs, 3, img_size, img_size)
+        macs_seen: List[torch.Tensor] = []
+
+        def gated(execution, p):
+            def fn():
+                skip.set_execution(execution)
+                skip.gates.set_constant_probability(p)
+                trace = skip(x, gate_policy='sample', return_trace=True)
+                if p < 1.0 and execution == 'sparse':
+                    macs_seen.append(table.per_image_macs(trace.actions))
+            return fn
+
+        variants = {
+            'plain timm ResNet': lambda: plain(x),
+            'SkipNet, all gates open': gated('sparse', 1.0),
+            f'SkipNet dense, rate {rate:g}': gated('dense', rate),
+            f'SkipNet sparse, rate {rate:g}': gated('sparse', rate),
+        }
+        times = {k: [] for k in variants}
+        for fn in variants.values():  # warm-up
+            fn()
+        macs_seen.clear()
+        start = time.perf_counter()
+        while time.perf_counter() - start < min_time * len(variants) or len(times['plain timm ResNet']) < min_iters:
+            for name, fn in variants.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+        dyn = torch.cat(macs_seen).mean().item()
+        t_plain = statistics.median(times['plain timm ResNet'])
+        for name, ts in times.items():
+            t = statistics.median(ts)
+            full_row = name.startswith('plain') or 'open' in name
+            r = 1.0 if name.startswith('plain') else table.full_macs / (
+                (table.full_macs + sum(table.gates)) if full_row else dyn)
+            s = t_plain / t
+            rows.append(dict(batch=bs, variant=name, latency_ms=1e3 * t, img_per_s=bs / t, ideal_R=r, speedup_S=s,
+                             eta=s / r, iters=len(ts)))
+    return rows
+
+
+def format_table(rows: List[Dict]) -> str:
+    head = '| batch | variant | latency (ms) | images/s | ideal R | measured S | eta = S/R |'
+    lines = [head, '|---:|---|---:|---:|---:|---:|---:|']
+    for r in rows:
+        lines.append(f"| {r['batch']} | {r['variant']} | {r['latency_ms']:.1f} | {r['img_per_s']:.1f} | "
+                     f"{r['ideal_R']:.3f} | {r['speedup_S']:.3f} | {r['eta']:.3f} |")
+    return '\n'.join(lines)
+
+
+def main(args) -> None:
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    rows = run_bench(args.model, args.batch_sizes, args.rate, args.img_size, args.min_time, seed=args.seed)
+    print(f'# {args.model} at {args.img_size} px, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}')
+    print(format_table(rows))
+    if args.output:
+        import json
+        with open(args.output, 'w') as f:
+            json.dump(rows, f, indent=2)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser('bench', help='latency / throughput of real skipping vs the plain ResNet (prints a table)')
+    p.add_argument('--model', default='skipnet_resnet50', help='skipnet_* name or a timm ResNet name')
+    p.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 8, 64])
+    p.add_argument('--rate', type=float, default=0.5, help='execution rate of every gated block (random per image)')
+    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('--min-time', type=float, default=3.0, help='seconds of timing per variant and batch size')
+    p.add_argument('--threads', type=int, default=0)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--output', default='', help='also write the rows as JSON')
+    p.set_defaults(func=main)
+
+
+__all__ = ['run_bench', 'format_table', 'SkipNetResNet']

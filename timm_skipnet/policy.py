@@ -1,0 +1,51 @@
+"""Gate policies: how a gate's logit becomes the 0/1 decision that runs or skips a block.
+
+``straight_through`` (supervised pre-training), ``sample`` (REINFORCE), ``greedy`` (inference) and ``open``
+(every block runs: exactly the plain ResNet). Tensors in, tensors out; nothing here knows about models.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+POLICIES = ('straight_through', 'sample', 'greedy', 'open')
+THRESHOLD = 0.5  # a block runs iff p > 0.5 (strict, as the original code)
+
+
+@dataclass
+class GateDecision:
+    gate: torch.Tensor  # (B,) value multiplied into the merge; carries the STE gradient under straight_through
+    action: torch.Tensor  # (B,) 0/1 execution decision, no gradient
+    prob: torch.Tensor  # (B,) p = sigmoid(logit)
+    log_prob: torch.Tensor  # (B,) log pi(action); differentiable w.r.t. the logit
+
+
+def straight_through(prob: torch.Tensor) -> torch.Tensor:
+    """Hard 0/1 value in the forward pass, gradient of ``prob`` in the backward pass."""
+    hard = (prob > THRESHOLD).to(prob.dtype)
+    return hard - prob.detach() + prob
+
+
+def bernoulli_log_prob(logits: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """log pi(a) for a ~ Bernoulli(sigmoid(logits)), computed stably from logits."""
+    return -F.binary_cross_entropy_with_logits(logits, action, reduction='none')
+
+
+def decide(logits: torch.Tensor, policy: str) -> GateDecision:
+    """Turn gate logits (B,) into a :class:`GateDecision` under ``policy``."""
+    prob = torch.sigmoid(logits)
+    if policy == 'straight_through':
+        gate = straight_through(prob)
+        action = gate.detach()
+    elif policy == 'sample':
+        action = torch.bernoulli(prob.detach())
+        gate = action
+    elif policy == 'greedy':
+        action = (prob > THRESHOLD).to(prob.dtype).detach()
+        gate = action
+    elif policy == 'open':
+        action = torch.ones_like(prob).detach()
+        gate = action
+    else:
+        raise ValueError(f'Unknown gate policy {policy!r}; choose one of {POLICIES}.')
+    return GateDecision(gate=gate, action=action, prob=prob, log_prob=bernoulli_log_prob(logits, action))

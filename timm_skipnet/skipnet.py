@@ -1,0 +1,471 @@
+"""SkipNet ResNets as native timm models: a gate before every residual block but the first.
+
+Block k runs for an image iff its gate says so; otherwise the image takes the block's shortcut (identity, or the
+block's own downsample projection): ``x = g * Block(x) + (1 - g) * Shortcut(x)`` (Wang et al., ECCV 2018).
+
+The backbone is timm's own :class:`~timm.models.resnet.ResNet`, untouched: stages keep their ``layerN.M`` names and
+all gates live under ``gates.*``, so a plain timm ResNet checkpoint loads with only the gate keys missing. The
+model class only replaces the trunk loop. Two execution modes:
+
+* ``dense``: every block runs for every image and the result is mixed with the 0/1 mask. Needed for training
+  (straight-through gradients, full-batch BatchNorm) and friendly to ``torch.compile`` / export.
+* ``sparse``: a block runs only on the images whose gate is open (gather, run, scatter into the shortcut); at batch
+  1 a plain branch. The inference default; identical outputs to ``dense`` in eval mode.
+"""
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import get_act_layer
+from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models._features import feature_take_indices
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+from torch.utils.checkpoint import checkpoint
+
+from .gates import create_gates
+from .policy import POLICIES, decide
+
+__all__ = ['SkipNetResNet', 'SkipNetTrace', 'convert_to_skipnet', 'checkpoint_filter_fn', 'EXECUTION_MODES']
+
+EXECUTION_MODES = ('auto', 'dense', 'sparse')
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the original SkipNet CIFAR normalisation
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+
+
+@dataclass
+class SkipNetTrace:
+    """Logits plus what every gate did, per image. K = number of gated blocks (all but the first)."""
+    logits: torch.Tensor  # (B, num_classes)
+    probs: torch.Tensor  # (B, K) gate probability of executing
+    actions: torch.Tensor  # (B, K) 1 = block executed, 0 = skipped
+    log_probs: torch.Tensor  # (B, K) log pi(action), differentiable (REINFORCE)
+
+    @property
+    def executed_blocks(self) -> torch.Tensor:
+        """(B,) blocks run per image, the never-gated first block included."""
+        return 1 + self.actions.sum(1)
+
+
+def _shortcut(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What a skipped block outputs: its own projection shortcut (no ReLU), or the identity."""
+    return x if block.downsample is None else block.downsample(x)
+
+
+def _run_sparse(block: nn.Module, x: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """Run ``block`` only on the images with ``action == 1``; the others take the shortcut (and pay only for it)."""
+    if x.shape[0] == 1:
+        return block(x) if bool(action[0] > 0.5) else _shortcut(block, x)
+    run = action > 0.5
+    idx_run = run.nonzero().squeeze(1)
+    n_run = idx_run.numel()
+    if n_run == x.shape[0]:
+        return block(x)
+    if n_run == 0:
+        return _shortcut(block, x)
+    y_run = block(x.index_select(0, idx_run))
+    if block.downsample is None:
+        return x.index_copy(0, idx_run, y_run)
+    idx_skip = (~run).nonzero().squeeze(1)
+    y_skip = block.downsample(x.index_select(0, idx_skip))
+    out = y_run.new_empty((x.shape[0],) + y_run.shape[1:])
+    return out.index_copy_(0, idx_run, y_run).index_copy_(0, idx_skip, y_skip)
+
+
+class SkipNetResNet(ResNet):
+    """timm ResNet with SkipNet gates.
+
+    Args (beyond timm's ResNet):
+        gate_type: ``'rnn'`` (shared LSTM, the paper's default), ``'ff1'`` or ``'ff2'`` (FFGate-I / II).
+        gate_init_bias: initial gate logit; > 0 starts every gate open, so the model equals the plain ResNet.
+        gate_policy: ``'auto'`` (straight-through in train mode, greedy in eval), or one of
+            ``straight_through | sample | greedy | open``; change later with :meth:`set_gate_policy`.
+        execution: ``'auto'`` (sparse in eval, dense in training / under torch.compile), ``'dense'`` or ``'sparse'``.
+        stem_type: timm's stem types, plus ``'cifar'``: a single 3x3 stride-1 conv and no max-pool (6n+2 CIFAR nets).
+    """
+
+    def __init__(
+            self,
+            *args,
+            gate_type: str = 'rnn',
+            gate_init_bias: float = 3.0,
+            gate_policy: str = 'auto',
+            execution: str = 'auto',
+            stem_type: str = '',
+            **kwargs,
+    ):
+        cifar_stem = stem_type == 'cifar'
+        if cifar_stem:
+            # timm's stem width is 64 unless 'deep'; a deep stem of width c/2 yields c channels, then is replaced.
+            channels = kwargs.get('channels', (16, 32, 64))
+            kwargs.update(channels=channels, stem_width=channels[0] // 2)
+            stem_type = 'deep'
+        super().__init__(*args, stem_type=stem_type, **kwargs)
+        if cifar_stem:
+            self._make_cifar_stem(kwargs.get('in_chans', 3), kwargs.get('act_layer', nn.ReLU))
+        self._init_skipnet(gate_type, gate_init_bias, gate_policy, execution)
+
+    def _make_cifar_stem(self, in_chans: int, act_layer) -> None:
+        w = self.conv1[-1].weight
+        out_chs = w.shape[0]
+        self.conv1 = nn.Conv2d(in_chans, out_chs, 3, 1, 1, bias=False, device=w.device, dtype=w.dtype)
+        nn.init.kaiming_normal_(self.conv1.weight, mode='fan_out', nonlinearity='relu')
+        self.bn1 = nn.BatchNorm2d(out_chs, device=w.device, dtype=w.dtype)
+        self.act1 = get_act_layer(act_layer)(inplace=True)
+        self.maxpool = nn.Identity()
+        # the CIFAR stem does not downsample: every tap is 4x finer than timm's ImageNet bookkeeping assumed
+        self.feature_info[0]['reduction'] = 1
+        for info in self.feature_info[1:]:
+            info['reduction'] //= 4
+
+    def _init_skipnet(self, gate_type: str, gate_init_bias: float, gate_policy: str, execution: str) -> None:
+        """Attach the gates; shared by ``__init__`` and :func:`convert_to_skipnet` (which skips ``__init__``)."""
+        self.stage_names = [info['module'] for info in self.feature_info[1:]]
+        self.gate_type = gate_type
+        self.set_gate_policy(gate_policy)
+        self.set_execution(execution)
+        ref = next(self.parameters())
+        self.gates = create_gates(gate_type, self._gate_in_chs(), gate_init_bias, device=ref.device, dtype=ref.dtype)
+
+    def _gate_in_chs(self) -> List[int]:
+        """Input channels of every gated block (all but the first), from feature_info: no dummy forward."""
+        in_chs = []
+        for s, name in enumerate(self.stage_names):
+            for j in range(len(getattr(self, name))):
+                in_chs.append(self.feature_info[s]['num_chs'] if j == 0 else self.feature_info[s + 1]['num_chs'])
+        return in_chs[1:]
+
+    # ---- configuration -------------------------------------------------------------------------------------------
+    def set_gate_policy(self, policy: str = 'auto') -> None:
+        if policy != 'auto' and policy not in POLICIES:
+            raise ValueError(f"gate_policy must be 'auto' or one of {POLICIES}, got {policy!r}.")
+        self.gate_policy = policy
+
+    def set_execution(self, execution: str = 'auto') -> None:
+        if execution not in EXECUTION_MODES:
+            raise ValueError(f'execution must be one of {EXECUTION_MODES}, got {execution!r}.')
+        self.execution = execution
+
+    @property
+    def num_gated_blocks(self) -> int:
+        return self.gates.num_gates
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gates.num_gates + 1
+
+    def blocks(self) -> List[nn.Module]:
+        """All residual blocks in network order (block 0 is never gated)."""
+        return [b for name in self.stage_names for b in getattr(self, name)]
+
+    def _resolve(self, policy: Optional[str]) -> Tuple[str, str]:
+        policy = policy or self.gate_policy
+        if policy == 'auto':
+            policy = 'straight_through' if self.training else 'greedy'
+        if policy not in POLICIES:
+            raise ValueError(f'Unknown gate policy {policy!r}; choose one of {POLICIES}.')
+        execution = self.execution
+        if execution == 'auto':
+            tracing = torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing()
+            execution = 'dense' if (self.training or tracing or policy == 'straight_through') else 'sparse'
+        elif execution == 'sparse':
+            if self.training:
+                raise RuntimeError(
+                    "execution='sparse' runs blocks on sub-batches, which changes BatchNorm statistics and leaves "
+                    "parameters unused: use it in eval mode only (model.eval()), or set_execution('dense') to train.")
+            if policy == 'straight_through':
+                raise RuntimeError("The straight-through gradient needs every block's output: use execution='dense'.")
+        return policy, execution
+
+    # ---- forward -------------------------------------------------------------------------------------------------
+    def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act1(self.bn1(self.conv1(x)))
+
+    def _forward_trunk(
+            self,
+            x: torch.Tensor,
+            policy: Optional[str] = None,
+            with_trace: bool = False,
+            take_indices: Optional[List[int]] = None,
+            stop_index: Optional[int] = None,
+    ) -> Tuple[torch.Tensor, List[torch.Tensor], Optional[Tuple[torch.Tensor, ...]]]:
+        """Stem and gated blocks. Returns features, the requested taps and, with ``with_trace``, the gate record."""
+        policy, execution = self._resolve(policy)
+        use_gates = policy != 'open' or with_trace
+        use_ckpt = self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
+        taps: List[torch.Tensor] = []
+        x = self._forward_stem(x)
+        if take_indices is not None and 0 in take_indices:
+            taps.append(x)
+        x = self.maxpool(x)
+        state = self.gates.init_state(x) if use_gates else None
+        probs, actions, log_probs = [], [], []
+        k = 0
+        last_stage = len(self.stage_names) if stop_index is None else stop_index
+        for s, name in enumerate(self.stage_names[:last_stage]):
+            for block in getattr(self, name):
+                if k == 0 or not use_gates:
+                    x = checkpoint(block, x, use_reentrant=False) if use_ckpt else block(x)
+                else:
+                    logits, state = self.gates(k - 1, x, state)
+                    d = decide(logits, policy)
+                    if with_trace:
+                        probs.append(d.prob)
+                        actions.append(d.action)
+                        log_probs.append(d.log_prob)
+                    if execution == 'sparse':
+                        x = _run_sparse(block, x, d.action)
+                    else:
+                        y = checkpoint(block, x, use_reentrant=False) if use_ckpt else block(x)
+                        if policy == 'open':
+                            x = y
+                        else:
+                            g = d.gate.to(x.dtype).view(-1, 1, 1, 1)
+                            x = g * y + (1. - g) * _shortcut(block, x)
+                k += 1
+            if take_indices is not None and s + 1 in take_indices:
+                taps.append(x)
+        trace = None
+        if with_trace:
+            if probs:
+                trace = (torch.stack(probs, 1), torch.stack(actions, 1), torch.stack(log_probs, 1))
+            else:
+                empty = x.new_zeros(x.shape[0], 0)
+                trace = (empty, empty, empty)
+        return x, taps, trace
+
+    def forward_features(self, x: torch.Tensor, gate_policy: Optional[str] = None) -> torch.Tensor:
+        return self._forward_trunk(x, gate_policy)[0]
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            gate_policy: Optional[str] = None,
+            return_trace: bool = False,
+    ) -> Union[torch.Tensor, SkipNetTrace]:
+        """Logits, as every timm model. ``return_trace=True`` gives a :class:`SkipNetTrace` instead; passing it as a
+        forward argument (not a separate method) keeps DDP / Accelerate gradient hooks working in training."""
+        x, _, trace = self._forward_trunk(x, gate_policy, with_trace=return_trace)
+        logits = self.forward_head(x)
+        if not return_trace:
+            return logits
+        return SkipNetTrace(logits, *trace)
+
+    def forward_with_gates(self, x: torch.Tensor, gate_policy: Optional[str] = None) -> SkipNetTrace:
+        """Logits plus per-image gate probabilities, actions and log-probabilities."""
+        return self.forward(x, gate_policy=gate_policy, return_trace=True)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stem output and every stage output (timm's ResNet taps), computed through the gates."""
+        assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
+        take_indices, max_index = feature_take_indices(len(self.stage_names) + 1, indices)
+        stop = max_index if (stop_early or intermediates_only) else None
+        x, taps, _ = self._forward_trunk(x, take_indices=take_indices, stop_index=stop)
+        if intermediates_only:
+            return taps
+        return x, taps
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        take_indices, max_index = feature_take_indices(len(self.stage_names) + 1, indices)
+        prune_end = max_index < len(self.stage_names)
+        for name in self.stage_names[max_index:]:
+            setattr(self, name, nn.Sequential())
+        if max_index == 0:
+            self.maxpool = nn.Identity()
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Gates join the last block group, so layer-wise lr decay gives them the head's full learning rate."""
+        blocks = r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)'
+        return dict(stem=r'^conv1|bn1|maxpool', blocks=[(blocks, None), (r'^gates', (99999,))])
+
+
+_SUPPORTED_FAMILIES = ('resnet*', 'resnet*d', 'seresnet*', 'seresnext*', 'resnext*', 'wide_resnet*', 'ecaresnet*',
+                       'resnetrs*', 'resnetaa*', 'resnetblur*', 'res2net*', 'res2next*', 'resnest*', 'skresnet*',
+                       'skresnext*', 'senet154')
+
+
+def convert_to_skipnet(
+        model: nn.Module,
+        gate_type: str = 'rnn',
+        gate_init_bias: float = 3.0,
+        gate_policy: str = 'auto',
+        execution: str = 'auto',
+) -> SkipNetResNet:
+    """Turn a timm :class:`~timm.models.resnet.ResNet` instance into a SkipNet in place, keeping its weights.
+
+    Gates start open (``gate_init_bias > 0``): the converted model's output equals the original's exactly.
+    """
+    if isinstance(model, SkipNetResNet):
+        raise ValueError('The model is already a SkipNet; nothing to convert.')
+    if not isinstance(model, ResNet):
+        raise TypeError(
+            f'convert_to_skipnet needs a timm.models.resnet.ResNet instance, got {type(model).__name__}. Supported '
+            f'timm families (all built on that class): {", ".join(_SUPPORTED_FAMILIES)}. Pre-activation ResNetV2, '
+            f'ByobNet (resnet26t/51q/61q), legacy SENet, RegNet, TResNet, NFNet and CSPNet are not residual nets of '
+            f'that layout.')
+    blocks = [b for info in model.feature_info[1:] for b in getattr(model, info['module'])]
+    bad = sorted({type(b).__name__ for b in blocks if not hasattr(b, 'downsample')})
+    if bad:
+        raise TypeError(f'Blocks without a .downsample attribute cannot be gated: {bad}.')
+    model.__class__ = SkipNetResNet
+    model._init_skipnet(gate_type, gate_init_bias, gate_policy, execution)
+    return model
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SkipNetResNet) -> Dict[str, torch.Tensor]:
+    """Load SkipNet checkpoints as they are, plain timm / torchvision ResNet ones with the model's (open) gates,
+    and original ``ucbdrive/skipnet`` ones through the converter."""
+    for key in ('state_dict', 'model'):
+        if isinstance(state_dict.get(key), dict):
+            state_dict = state_dict[key]
+    state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    if any(k.startswith('group') and '_layer' in k for k in state_dict):
+        from .original import convert_original_state_dict  # lazy: only for original checkpoints
+        state_dict = convert_original_state_dict(state_dict, model)
+    own = model.state_dict()
+    for k, v in own.items():
+        if k.startswith('gates.') and k not in state_dict:
+            state_dict[k] = v
+    return state_dict
+
+
+def _create_skipnet(variant: str, pretrained: bool = False, **kwargs) -> SkipNetResNet:
+    n_taps = 1 + len(kwargs['layers'])
+    return build_model_with_cfg(
+        SkipNetResNet, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        # the gates' recurrent state crosses stage boundaries: features come from forward_intermediates
+        feature_cfg=dict(feature_cls='getter', out_indices=tuple(range(n_taps))),
+        **kwargs,
+    )
+
+
+HUB_ORG = 'timm-skipnet'  # the Hugging Face organisation holding trained SkipNet weights
+PAPER = dict(paper_ids='arXiv:1711.09485', paper_name='SkipNet: Learning Dynamic Routing in Convolutional Networks',
+             origin_url='https://github.com/timm-skipnet/timm-skipnet', license='apache-2.0')
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    base = dict(num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875,
+                interpolation='bilinear', mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv='conv1',
+                classifier='fc', **PAPER)
+    return {**base, **kwargs}
+
+
+def _cifar_cfg(**kwargs) -> Dict[str, Any]:
+    return _cfg(**{**dict(num_classes=10, input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0,
+                          mean=CIFAR_MEAN, std=CIFAR_STD), **kwargs})
+
+
+def _backbone_cfg(timm_name: str) -> Dict[str, Any]:
+    """A tag that initialises the backbone from timm's own ResNet weights (gates start open)."""
+    src = get_pretrained_cfg(timm_name).to_dict()
+    keep = ('input_size', 'test_input_size', 'pool_size', 'crop_pct', 'test_crop_pct', 'interpolation', 'mean',
+            'std', 'num_classes', 'license')
+    return _cfg(**{k: src[k] for k in keep if src.get(k) is not None}, hf_hub_id=f'timm/{timm_name}',
+                notes=(f'Backbone from timm/{timm_name}; gates initialised open (equals the plain ResNet until '
+                       'trained).',))
+
+
+_IMAGENET_ARCHS = {  # name -> (block, layers, timm default tag)
+    'skipnet_resnet18': (BasicBlock, (2, 2, 2, 2), 'resnet18.a1_in1k'),
+    'skipnet_resnet34': (BasicBlock, (3, 4, 6, 3), 'resnet34.a1_in1k'),
+    'skipnet_resnet50': (Bottleneck, (3, 4, 6, 3), 'resnet50.a1_in1k'),
+    'skipnet_resnet101': (Bottleneck, (3, 4, 23, 3), 'resnet101.a1h_in1k'),
+    'skipnet_resnet152': (Bottleneck, (3, 8, 36, 3), 'resnet152.a1h_in1k'),
+}
+_CIFAR_DEPTHS = (38, 74, 110, 152)
+
+_default_cfgs = {}
+for _name, (_, _, _timm_tag) in _IMAGENET_ARCHS.items():
+    _base = _timm_tag.split('.')[0]
+    _default_cfgs[f'{_name}.{_timm_tag.split(".")[1]}'] = _backbone_cfg(_timm_tag)
+    _default_cfgs[f'{_name}.tv_in1k'] = _backbone_cfg(f'{_base}.tv_in1k')
+for _depth in _CIFAR_DEPTHS:
+    _default_cfgs[f'skipnet_resnet{_depth}_cifar'] = _cifar_cfg()
+default_cfgs = generate_default_cfgs(_default_cfgs)
+
+
+def _imagenet(name: str, pretrained: bool, kwargs: Dict[str, Any]) -> SkipNetResNet:
+    block, layers, _ = _IMAGENET_ARCHS[name]
+    return _create_skipnet(name, pretrained, **dict(dict(block=block, layers=layers), **kwargs))
+
+
+def _cifar(depth: int, pretrained: bool, kwargs: Dict[str, Any]) -> SkipNetResNet:
+    n = (depth - 2) // 6
+    args = dict(block=BasicBlock, layers=(n, n, n), channels=(16, 32, 64), stem_type='cifar', num_classes=10)
+    return _create_skipnet(f'skipnet_resnet{depth}_cifar', pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def skipnet_resnet18(pretrained: bool = False, **kwargs) -> SkipNetResNet:
+    """SkipNet ResNet-18 (BasicBlock [2, 2, 2, 2]): 7 gated blocks."""
+    return _imagenet('skipnet_resnet18', pretrained, kwargs)
+
+
+@register_model
+def skipnet_resnet34(pretrained: bool = False, **kwargs) -> SkipNetResNet:
+    """SkipNet ResNet-34 (BasicBlock [3, 4, 6, 3]): 15 gated blocks."""
+    return _imagenet('skipnet_resnet34', pretrained, kwargs)
+
+
+@register_model
+def skipnet_resnet50(pretrained: bool = False, **kwargs) -> SkipNetResNet:
+    """SkipNet ResNet-50 (Bottleneck [3, 4, 6, 3]): 15 gated blocks."""
+    return _imagenet('skipnet_resnet50', pretrained, kwargs)
+
+
+@register_model
+def skipnet_resnet101(pretrained: bool = False, **kwargs) -> SkipNetResNet:
+    """SkipNet ResNet-101 (Bottleneck [3, 4, 23, 3]): 32 gated blocks, the paper's ImageNet model."""
+    return _imagenet('skipnet_resnet101', pretrained, kwargs)
+
+
+@register_model
+def skipnet_resnet152(pretrained: bool = False, **kwargs) -> SkipNetResNet:
+    """SkipNet ResNet-152 (Bottleneck [3, 8, 36, 3]): 49 gated blocks."""
+    return _imagenet('skipnet_resnet152', pretrained, kwargs)
+
+
+@register_model
+def skipnet_resnet38_cifar(pretrained: bool = False, **kwargs) -> SkipNetResNet:
+    """SkipNet-38 for 32 px CIFAR (6n+2, n=6, BasicBlock, widths 16/32/64): 17 gated blocks."""
+    return _cifar(38, pretrained, kwargs)
+
+
+@register_model
+def skipnet_resnet74_cifar(pretrained: bool = False, **kwargs) -> SkipNetResNet:
+    """SkipNet-74 for 32 px CIFAR (n=12): 35 gated blocks."""
+    return _cifar(74, pretrained, kwargs)
+
+
+@register_model
+def skipnet_resnet110_cifar(pretrained: bool = False, **kwargs) -> SkipNetResNet:
+    """SkipNet-110 for 32 px CIFAR (n=18): 53 gated blocks."""
+    return _cifar(110, pretrained, kwargs)
+
+
+@register_model
+def skipnet_resnet152_cifar(pretrained: bool = False, **kwargs) -> SkipNetResNet:
+    """SkipNet-152 for 32 px CIFAR (n=25, BasicBlock as the original): 74 gated blocks."""
+    return _cifar(152, pretrained, kwargs)
