@@ -403,6 +403,7 @@ for _name, (_, _, _timm_tag) in _IMAGENET_ARCHS.items():
     _default_cfgs[f'{_name}.tv_in1k'] = _backbone_cfg(f'{_base}.tv_in1k')
 for _depth in _CIFAR_DEPTHS:
     _default_cfgs[f'skipnet_resnet{_depth}_cifar'] = _cifar_cfg()
+_default_cfgs['skipnet_from_timm'] = _cfg()
 default_cfgs = generate_default_cfgs(_default_cfgs)
 
 
@@ -469,3 +470,27 @@ def skipnet_resnet110_cifar(pretrained: bool = False, **kwargs) -> SkipNetResNet
 def skipnet_resnet152_cifar(pretrained: bool = False, **kwargs) -> SkipNetResNet:
     """SkipNet-152 for 32 px CIFAR (n=25, BasicBlock as the original): 74 gated blocks."""
     return _cifar(152, pretrained, kwargs)
+
+
+class _ConvertedResNet:
+    """Model constructor for ``skipnet_from_timm``: build a timm ResNet by name, then convert it."""
+
+    def __new__(cls, base_model: str = 'resnet50', gate_type: str = 'rnn', gate_init_bias: float = 3.0,
+                gate_policy: str = 'auto', execution: str = 'auto', base_pretrained: bool = False, **kwargs):
+        import timm
+        if base_model.startswith('skipnet_'):
+            raise ValueError(f"base_model must be a plain timm ResNet name (e.g. 'resnet50d'), got {base_model!r}.")
+        base = timm.create_model(base_model, pretrained=base_pretrained, **kwargs)
+        return convert_to_skipnet(base, gate_type, gate_init_bias, gate_policy, execution)
+
+
+@register_model
+def skipnet_from_timm(pretrained: bool = False, **kwargs) -> SkipNetResNet:
+    """Any timm ResNet-class model (``base_model='resnet50d'``, ``'seresnext50_32x4d'``, ...) as a SkipNet.
+
+    Lets converted models round-trip through ``save_for_hf`` / ``local-dir:`` / ``hf-hub:``: the config records
+    ``base_model`` and the gate arguments. ``base_pretrained=True`` starts from timm's weights for the base.
+    """
+    return build_model_with_cfg(
+        _ConvertedResNet, 'skipnet_from_timm', pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls='getter', out_indices=tuple(range(5))), **kwargs)

@@ -1,0 +1,184 @@
+"""Streaming image-classification data: Hub datasets, local Parquet or image folders -> timm transforms.
+
+Images are read undecoded and decoded here, so a corrupt file is counted and skipped instead of crashing the run,
+and resuming can skip the already-seen part of an epoch without decoding it. Several processes split the stream
+with ``split_dataset_by_node``; shuffling uses a buffer and a per-epoch seed (``set_epoch``).
+"""
+import io
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+from PIL import Image
+
+PRESETS: Dict[str, Dict] = {
+    'uoft-cs/cifar10': dict(image_column='img', label_column='label', train_split='train', eval_split='test',
+                            num_classes=10, train_num_samples=50_000, eval_num_samples=10_000),
+    'uoft-cs/cifar100': dict(image_column='img', label_column='fine_label', train_split='train', eval_split='test',
+                             num_classes=100, train_num_samples=50_000, eval_num_samples=10_000),
+    'ILSVRC/imagenet-1k': dict(image_column='image', label_column='label', train_split='train',
+                               eval_split='validation', num_classes=1000, train_num_samples=1_281_167,
+                               eval_num_samples=50_000),
+}
+_GENERIC = dict(image_column='image', label_column='label', train_split='train', eval_split='test')
+
+
+@dataclass
+class DataSpec:
+    """Where the data comes from and what its columns are called (presets fill the blanks)."""
+    dataset: str = 'uoft-cs/cifar10'  # Hub name, or a local folder of Parquet files / class sub-folders
+    image_column: Optional[str] = None
+    label_column: Optional[str] = None
+    train_split: Optional[str] = None
+    eval_split: Optional[str] = None
+    num_classes: Optional[int] = None
+    train_num_samples: Optional[int] = None  # epoch length of a stream (streams have no length)
+    eval_num_samples: Optional[int] = None
+
+    def resolved(self) -> 'DataSpec':
+        preset = PRESETS.get(self.dataset, {})
+        if not preset and os.path.isdir(self.dataset):
+            preset = _sniff_local(self.dataset)
+        out = DataSpec(**{**_GENERIC, **preset, **{k: v for k, v in vars(self).items() if v is not None}})
+        return out
+
+
+def _parquet_files(folder: str, split: str) -> List[str]:
+    files = sorted(f for f in os.listdir(folder) if f.endswith('.parquet') and f.startswith(f'{split}-'))
+    return [os.path.join(folder, f) for f in files]
+
+
+def _sniff_local(folder: str) -> Dict:
+    """Columns, class count and split sizes of a local Parquet folder (Hub layout ``<split>-*.parquet``)."""
+    files = sorted(f for f in os.listdir(folder) if f.endswith('.parquet'))
+    if not files:
+        return {}
+    import json
+
+    import pyarrow.parquet as pq
+    schema = pq.read_schema(os.path.join(folder, files[0]))
+    out = {}
+    for cand in ('img', 'image'):
+        if cand in schema.names:
+            out['image_column'] = cand
+    for cand in ('label', 'fine_label', 'labels'):
+        if cand in schema.names:
+            out['label_column'] = cand
+            break
+    hf_meta = json.loads((schema.metadata or {}).get(b'huggingface', b'{}'))
+    label_feature = hf_meta.get('info', {}).get('features', {}).get(out.get('label_column', ''), {})
+    if label_feature.get('names'):
+        out['num_classes'] = len(label_feature['names'])
+    splits = sorted({f.split('-')[0] for f in files})
+    if 'test' not in splits and 'validation' in splits:
+        out['eval_split'] = 'validation'
+    rows = {sp: sum(pq.ParquetFile(os.path.join(folder, f)).metadata.num_rows for f in files
+                    if f.split('-')[0] == sp) for sp in splits}
+    out['train_num_samples'] = rows.get('train')
+    out['eval_num_samples'] = rows.get(out.get('eval_split', 'test'))
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def load_stream(spec: DataSpec, split: str):
+    """An undecoded ``datasets.IterableDataset`` for ``split``."""
+    import datasets
+    spec = spec.resolved()
+    src = spec.dataset
+    if os.path.isdir(src):
+        files = _parquet_files(src, split)
+        if files:
+            ds = datasets.load_dataset('parquet', data_files={split: files}, split=split, streaming=True)
+        elif os.path.isdir(os.path.join(src, split)):
+            ds = datasets.load_dataset('imagefolder', data_dir=os.path.join(src, split), split='train',
+                                       streaming=True)
+        else:
+            raise FileNotFoundError(
+                f"No data for split '{split}' in {src}: expected Parquet files named '{split}-*.parquet' or an image "
+                f"folder '{src}/{split}/<class>/<image>'.")
+    else:
+        try:
+            ds = datasets.load_dataset(src, split=split, streaming=True)
+        except Exception as e:  # noqa: BLE001 -- re-raised with the fix
+            raise RuntimeError(
+                f"Could not stream '{src}' split '{split}' from the Hugging Face Hub ({type(e).__name__}: {e}). "
+                f"Pass a local folder instead (--dataset /path/to/parquet_or_imagefolder), or check the name.") from e
+    missing = [c for c in (spec.image_column, spec.label_column) if c not in (ds.column_names or [c])]
+    if missing:
+        raise KeyError(f'Columns {missing} not in {src} (has {ds.column_names}): set --image-column / '
+                       f'--label-column.')
+    return ds.cast_column(spec.image_column, datasets.Image(decode=False))
+
+
+def decode_image(value) -> Image.Image:
+    """PIL RGB image from a ``datasets.Image(decode=False)`` value (bytes or path)."""
+    if isinstance(value, dict):
+        data, path = value.get('bytes'), value.get('path')
+        img = Image.open(io.BytesIO(data)) if data is not None else Image.open(path)
+    else:
+        img = value
+    img.load()
+    return img.convert('RGB')
+
+
+class ImageStream(torch.utils.data.IterableDataset):
+    """Decodes and transforms a (sharded, shuffled) stream; yields ``(image, label)`` or ``None`` for a bad image."""
+
+    def __init__(self, ds, transform: Callable, image_column: str, label_column: str, skip: int = 0,
+                 limit: Optional[int] = None):
+        super().__init__()
+        self.ds, self.transform, self.skip, self.limit = ds, transform, skip, limit
+        self.image_column, self.label_column = image_column, label_column
+
+    def __iter__(self) -> Iterator[Optional[Tuple[torch.Tensor, int]]]:
+        for i, row in enumerate(self.ds):
+            if self.limit is not None and i >= self.limit:
+                return
+            if i < self.skip:
+                continue
+            try:
+                yield self.transform(decode_image(row[self.image_column])), int(row[self.label_column])
+            except Exception:  # noqa: BLE001 -- any undecodable image is skipped and counted, never fatal
+                yield None
+
+
+def collate_skipping_bad(batch):
+    """Stack good samples; return ``(images, labels, number_of_bad_images)``."""
+    good = [b for b in batch if b is not None]
+    n_bad = len(batch) - len(good)
+    if not good:
+        return None, None, n_bad
+    images = torch.stack([g[0] for g in good])
+    labels = torch.tensor([g[1] for g in good], dtype=torch.long)
+    return images, labels, n_bad
+
+
+def build_transforms(model, is_training: bool, small_image_threshold: int = 64):
+    """timm's transforms for the model's data config. Small inputs (CIFAR, 32 px) train with the classic
+    pad-4 random crop + flip instead of timm's RandomResizedCrop, which is built for ImageNet-sized images."""
+    from timm.data import create_transform, resolve_model_data_config
+    from torchvision import transforms as T
+    cfg = resolve_model_data_config(model)
+    size = cfg['input_size'][-1]
+    if is_training and size <= small_image_threshold:
+        return T.Compose([T.RandomCrop(size, padding=size // 8), T.RandomHorizontalFlip(), T.ToTensor(),
+                          T.Normalize(cfg['mean'], cfg['std'])])
+    return create_transform(**cfg, is_training=is_training)
+
+
+def make_loader(spec: DataSpec, split: str, transform: Callable, batch_size: int, *, rank: int = 0,
+                world_size: int = 1, shuffle: bool = False, seed: int = 0, epoch: int = 0, skip: int = 0,
+                limit: Optional[int] = None, shuffle_buffer: int = 10_000, workers: int = 0):
+    """A DataLoader over this process's share of ``split``. ``skip`` drops already-seen samples of the epoch
+    (resume) without decoding them; ``limit`` caps the samples per process."""
+    from datasets.distributed import split_dataset_by_node
+    spec = spec.resolved()
+    ds = load_stream(spec, split)
+    if shuffle:
+        ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer)
+        ds.set_epoch(epoch)
+    if world_size > 1:
+        ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+    stream = ImageStream(ds, transform, spec.image_column, spec.label_column, skip=skip, limit=limit)
+    return torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=collate_skipping_bad,
+                                       num_workers=workers)

@@ -1,0 +1,84 @@
+"""Accuracy and exact compute of a SkipNet over a dataset: top-1, MACs per image, per-gate execution rates."""
+from typing import Dict, Optional
+
+import torch
+
+from .accounting import MacTable
+
+
+@torch.no_grad()
+def collect(model, loader, accelerator=None, max_batches: Optional[int] = None, progress: bool = False) -> Dict:
+    """Run ``model`` (greedy gates, sparse execution) over ``loader``; return per-image tensors (gathered)."""
+    from tqdm.auto import tqdm
+    net = accelerator.unwrap_model(model) if accelerator is not None else model
+    was_training = net.training
+    net.eval()
+    device = next(net.parameters()).device
+    preds, labels, actions, probs, n_bad = [], [], [], [], 0
+    bar = tqdm(loader, desc='eval', disable=not progress, leave=False)
+    for i, (x, y, bad) in enumerate(bar):
+        n_bad += bad
+        if max_batches is not None and i >= max_batches:
+            break
+        if x is None:
+            continue
+        x, y = x.to(device), y.to(device)
+        trace = net(x, return_trace=True)
+        p, a, pr = trace.logits.argmax(1), trace.actions, trace.probs
+        if accelerator is not None:
+            p, y, a, pr = accelerator.gather_for_metrics((p, y, a, pr))
+        preds.append(p.cpu())
+        labels.append(y.cpu())
+        actions.append(a.cpu())
+        probs.append(pr.cpu())
+    net.train(was_training)
+    if accelerator is not None:
+        n_bad = int(accelerator.reduce(torch.tensor(n_bad, device=device), reduction='sum').item())
+    return dict(preds=torch.cat(preds), labels=torch.cat(labels), actions=torch.cat(actions),
+                probs=torch.cat(probs), num_bad_images=n_bad)
+
+
+def summarize(results: Dict, table: MacTable) -> Dict:
+    """JSON-ready report: accuracy, MACs distribution, reduction, the paper's CP, per-gate execution rates."""
+    actions = results['actions']
+    correct = (results['preds'] == results['labels']).float()
+    macs = table.per_image_macs(actions)
+    executed = (1 + actions.sum(1)).long()
+    q = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
+    return dict(
+        num_images=int(correct.numel()),
+        num_bad_images=int(results.get('num_bad_images', 0)),
+        top1=100.0 * correct.mean().item(),
+        macs_full=table.full_macs,
+        macs_mean=macs.mean().item(),
+        macs_std=macs.std(unbiased=False).item(),
+        macs_min=macs.min().item(),
+        macs_max=macs.max().item(),
+        macs_p10_p50_p90=torch.quantile(macs, q).tolist(),
+        gmacs_full=table.full_macs / 1e9,
+        gmacs_mean=macs.mean().item() / 1e9,
+        macs_reduction_pct=100.0 * (1 - macs.mean().item() / table.full_macs),
+        computation_percentage=table.computation_percentage(actions).mean().item(),
+        cp_reduction_pct=100.0 - table.computation_percentage(actions).mean().item(),
+        executed_blocks_mean=executed.double().mean().item(),
+        executed_blocks_histogram={int(k): int(v) for k, v in zip(*torch.unique(executed, return_counts=True))},
+        gate_execution_rates=actions.mean(0).tolist(),
+        num_blocks=table.num_blocks,
+        input_size=list(table.input_size),
+    )
+
+
+def format_summary(s: Dict) -> str:
+    rates = ' '.join(f'{r:.2f}' for r in s['gate_execution_rates'])
+    return '\n'.join([
+        '| metric | value |', '|---|---:|',
+        f"| images | {s['num_images']} (bad, skipped: {s['num_bad_images']}) |",
+        f"| top-1 (%) | {s['top1']:.2f} |",
+        f"| MACs / image, full model | {s['macs_full'] / 1e6:.2f} M |",
+        f"| MACs / image, mean +- std | {s['macs_mean'] / 1e6:.2f} +- {s['macs_std'] / 1e6:.2f} M |",
+        f"| MACs / image, p10 / p50 / p90 | {' / '.join(f'{v / 1e6:.2f}' for v in s['macs_p10_p50_p90'])} M |",
+        f"| MACs reduction vs full (exact) | {s['macs_reduction_pct']:.1f} % |",
+        f"| paper's computation percentage (block count) | {s['computation_percentage']:.1f} % |",
+        f"| executed blocks / image (of {s['num_blocks']}) | {s['executed_blocks_mean']:.2f} |",
+        f'| per-gate execution rates | {rates} |',
+    ])

@@ -1,0 +1,52 @@
+"""REINFORCE for SkipNet's hybrid RL stage (tensors in, tensors out).
+
+Per image b and gated block k (K gates, forward order), with a_k = 1 when block k ran:
+    reward  r_k = (1 - a_k) * alpha / K                 (alpha: the skip reward)
+    return  G_k = r_k + gamma * G_{k+1},  G_{K+1} = -beta * CE_b
+With gamma = 1: G_k = -beta * CE_b + (alpha / K) * sum_{j >= k} (1 - a_j)  (skipnet-reference.md section 3.2).
+The policy loss sums over images and gates as the original CIFAR code (PyTorch 0.2 ``reinforce``) did; every image
+gets its own return (no batch-mean broadcast, the bug of the original ImageNet port).
+"""
+from typing import Optional
+
+import torch
+
+
+def skip_rewards(actions: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(B, K) per-gate reward for skipping."""
+    return (1.0 - actions) * (alpha / actions.shape[1])
+
+
+def discounted_returns(rewards: torch.Tensor, terminal: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """(B, K) returns G_k = r_k + gamma * G_{k+1}, with G_{K+1} = ``terminal`` (B,)."""
+    returns = torch.empty_like(rewards)
+    g = terminal
+    for k in range(rewards.shape[1] - 1, -1, -1):
+        g = rewards[:, k] + gamma * g
+        returns[:, k] = g
+    return returns
+
+
+def reinforce_loss(log_probs: torch.Tensor, returns: torch.Tensor, baseline: Optional[str] = None) -> torch.Tensor:
+    """sum_{b,k} -log pi(a_bk) * (G_bk - baseline_k); returns carry no gradient.
+
+    ``baseline='batch_mean'`` subtracts each gate's batch-mean return: same expected gradient, lower variance.
+    """
+    advantage = returns.detach()
+    if baseline == 'batch_mean':
+        advantage = advantage - advantage.mean(0, keepdim=True)
+    elif baseline not in (None, 'none'):
+        raise ValueError(f"baseline must be 'none' or 'batch_mean', got {baseline!r}.")
+    return -(log_probs * advantage).sum()
+
+
+def hybrid_rl_loss(logits: torch.Tensor, targets: torch.Tensor, actions: torch.Tensor, log_probs: torch.Tensor, *,
+                   alpha: float, beta: float = 1.0, gamma: float = 1.0, rl_weight: float = 0.01,
+                   baseline: Optional[str] = None, ce_fn=None):
+    """Mean cross-entropy + rl_weight * REINFORCE. Returns (loss, ce_mean, rl_term)."""
+    ce = ce_fn(logits, targets) if ce_fn is not None else torch.nn.functional.cross_entropy(
+        logits, targets, reduction='none')
+    returns = discounted_returns(skip_rewards(actions, alpha), -beta * ce.detach().float(), gamma)
+    rl = reinforce_loss(log_probs.float(), returns, baseline)
+    ce_mean = ce.mean()
+    return ce_mean + rl_weight * rl, ce_mean, rl

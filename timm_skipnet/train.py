@@ -1,0 +1,422 @@
+"""The SkipNet trainer on Accelerate: ``base`` -> ``sp`` (supervised pre-training) -> ``rl`` (hybrid REINFORCE).
+
+One function, read top to bottom: accelerator -> model -> optimizer / schedule -> prepare -> (resume) -> loop
+-> checkpoint -> evaluate -> export. Runs on CPU, one GPU or many (``accelerate launch``), with mixed precision,
+gradient accumulation and clipping. Flags mirror timm's train.py; SkipNet's own carry the paper's symbols.
+
+Stages (skipnet-reference.md section 3):
+  base  all gates open, cross-entropy: trains the backbone and is the same-recipe ResNet baseline.
+  sp    hard gates with straight-through gradients, cross-entropy only.
+  rl    gates sampled from Bernoulli(p); loss = mean CE + rl_weight * sum_{b,k} -log pi(a_bk) * G_bk.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+STAGE_POLICY = {'base': 'open', 'sp': 'straight_through', 'rl': 'sample'}
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = field(default='skipnet_resnet38_cifar', metadata=dict(help='skipnet_* name or any timm ResNet name'))
+    pretrained: bool = field(default=False, metadata=dict(help='start from pretrained weights (timm / Hub)'))
+    initial_checkpoint: str = field(default='', metadata=dict(help='weights to start from: .safetensors, a '
+                                                                   'weights-only .pth, or an exported folder'))
+    resume: str = field(default='', metadata=dict(help='checkpoint dir (or run output dir) to resume'))
+    num_classes: Optional[int] = field(default=None, metadata=dict(help='default: from the dataset preset'))
+    gate_type: str = field(default='rnn', metadata=dict(help='rnn | ff1 | ff2'))
+    # data
+    dataset: str = field(default='uoft-cs/cifar10', metadata=dict(
+        help='Hub dataset (streamed) or a local folder of Parquet files / an image folder'))
+    image_column: Optional[str] = None
+    label_column: Optional[str] = None
+    train_split: Optional[str] = None
+    eval_split: Optional[str] = None
+    train_num_samples: Optional[int] = field(default=None, metadata=dict(help='samples per epoch (streams)'))
+    eval_num_samples: Optional[int] = field(default=None, metadata=dict(help='cap on evaluation samples'))
+    shuffle_buffer: int = 10_000
+    workers: int = field(default=0, metadata=dict(help='DataLoader workers (0: decode in the main process)'))
+    # stage and SkipNet objective
+    stage: str = field(default='base', metadata=dict(help='base | sp | rl'))
+    alpha: float = field(default=0.1, metadata=dict(help='skip reward alpha (paper: 0.1 on CIFAR)'))
+    beta: float = field(default=1.0, metadata=dict(help='weight beta of -CE in the return (paper: 1 on CIFAR)'))
+    gamma: float = field(default=1.0, metadata=dict(help='reward discount gamma'))
+    rl_weight: float = field(default=0.01, metadata=dict(help='weight of the REINFORCE term'))
+    rl_baseline: str = field(default='none', metadata=dict(help="none | batch_mean (variance reduction)"))
+    # optimisation (timm train.py names)
+    epochs: int = 10
+    steps: Optional[int] = field(default=None, metadata=dict(help='optimizer updates in total (overrides epochs)'))
+    batch_size: int = field(default=128, metadata=dict(help='per process'))
+    grad_accum_steps: int = 1
+    opt: str = 'sgd'
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    sched: str = field(default='cosine', metadata=dict(help='cosine | step | multistep | none'))
+    warmup_epochs: float = 0.0
+    decay_milestones: List[float] = field(default_factory=lambda: [0.5, 0.75],
+                                          metadata=dict(help='multistep: fractions of the run'))
+    decay_rate: float = 0.1
+    min_lr: float = 0.0
+    clip_grad: Optional[float] = None
+    smoothing: float = 0.0
+    amp: str = field(default='no', metadata=dict(help='mixed precision: no | fp16 | bf16'))
+    # bookkeeping
+    output: str = 'runs/skipnet'
+    seed: int = 42
+    checkpoint_every: int = field(default=500, metadata=dict(help='save_state every N updates (and at the end)'))
+    keep_checkpoints: int = 2
+    eval_every_epochs: int = field(default=0, metadata=dict(help='0: evaluate at the end only'))
+    log_every: int = 20
+    log_with: str = field(default='', metadata=dict(help="tracker, e.g. 'tensorboard'"))
+    export: bool = field(default=True, metadata=dict(help='write a Hub-ready folder at the end'))
+
+
+def _add_bool(parser, name, default, help_):
+    parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=help_)
+
+
+def build_arg_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    """argparse flags generated from :class:`TrainConfig` (``--grad-accum-steps`` style) plus ``-c cfg.yaml``."""
+    parser = parser or argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('-c', '--config', default='', help='YAML file of defaults (keys as the long flags)')
+    for f in dataclasses.fields(TrainConfig):
+        flag = '--' + f.name.replace('_', '-')
+        names = [flag, '-b'] if f.name == 'batch_size' else [flag]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_ = f.metadata.get('help', '') + f' (default: {default})'
+        if f.type in (bool, 'bool'):
+            _add_bool(parser, flag, default, help_)
+        elif f.name == 'decay_milestones':
+            parser.add_argument(*names, type=float, nargs='+', default=default, help=help_)
+        else:
+            kind = {int: int, float: float, 'int': int, 'float': float}.get(f.type)
+            if kind is None:
+                kind = int if f.name in ('num_classes', 'steps', 'train_num_samples', 'eval_num_samples') else (
+                    float if f.name == 'clip_grad' else str)
+            parser.add_argument(*names, type=kind, default=default, help=help_)
+    return parser
+
+
+def parse_config(argv=None) -> TrainConfig:
+    parser = build_arg_parser()
+    args, _ = parser.parse_known_args(argv)
+    if args.config:
+        import yaml
+        with open(args.config) as f:
+            overrides = {k.replace('-', '_'): v for k, v in (yaml.safe_load(f) or {}).items()}
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(TrainConfig)}
+        if unknown:
+            raise ValueError(f'Unknown keys in {args.config}: {sorted(unknown)}.')
+        parser.set_defaults(**overrides)
+    return config_from_args(parser.parse_args(argv))
+
+
+def config_from_args(args) -> TrainConfig:
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+
+
+# ---- model ---------------------------------------------------------------------------------------------------------
+def build_model(cfg: TrainConfig, num_classes: int):
+    """A SkipNet from a skipnet_* name or any timm ResNet name; returns (model, model_args for config.json)."""
+    import timm
+
+    import timm_skipnet  # noqa: F401 -- registers the models
+    if cfg.model.startswith('skipnet_'):
+        model_args = dict(num_classes=num_classes, gate_type=cfg.gate_type)
+        model = timm.create_model(cfg.model, pretrained=cfg.pretrained, **model_args)
+        arch = cfg.model
+    else:
+        model_args = dict(base_model=cfg.model, num_classes=num_classes, gate_type=cfg.gate_type)
+        model = timm.create_model('skipnet_from_timm', base_pretrained=cfg.pretrained, **model_args)
+        arch = 'skipnet_from_timm'
+    if cfg.initial_checkpoint:
+        load_weights(model, cfg.initial_checkpoint)
+    return model, arch, model_args
+
+
+def load_weights(model: nn.Module, path: str, strict: bool = True) -> None:
+    """Safe weight loading: safetensors, or ``torch.load(weights_only=True)``; folders use their model.safetensors."""
+    from .skipnet import checkpoint_filter_fn
+    if os.path.isdir(path):
+        candidates = [os.path.join(path, n) for n in ('model.safetensors', 'pytorch_model.bin')]
+        found = [c for c in candidates if os.path.exists(c)]
+        if not found:
+            raise FileNotFoundError(f'No model.safetensors or pytorch_model.bin in {path}.')
+        path = found[0]
+    if path.endswith('.safetensors'):
+        from safetensors.torch import load_file
+        state = load_file(path, device='cpu')
+    else:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    if not isinstance(state, dict):
+        raise TypeError(f'{path} holds a {type(state).__name__}, expected a state dict of tensors.')
+    model.load_state_dict(checkpoint_filter_fn(state, model), strict=strict)
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------------------------
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(accelerator, output: str, state: Dict[str, Any], keep: int = 2) -> str:
+    """``save_state`` into a temp dir, then rename: an interrupted save never touches the previous checkpoint."""
+    root = os.path.join(output, 'checkpoints')
+    final = os.path.join(root, f"step_{state['global_step']:07d}")
+    tmp = final + '.tmp'
+    if accelerator.is_main_process:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, 'trainer_state.json'), 'w') as f:
+            json.dump(state, f, indent=2)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _atomic_write_text(os.path.join(root, 'latest'), os.path.basename(final))
+        steps = sorted(d for d in os.listdir(root) if d.startswith('step_') and not d.endswith('.tmp'))
+        for old in steps[:-keep]:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint dir from itself, its ``checkpoints/`` parent or the run's output dir (via ``latest``)."""
+    for root in (path, os.path.join(path, 'checkpoints')):
+        if os.path.exists(os.path.join(root, 'trainer_state.json')):
+            return root
+        latest = os.path.join(root, 'latest')
+        if os.path.exists(latest):
+            with open(latest) as f:
+                return os.path.join(root, f.read().strip())
+    raise FileNotFoundError(f'No checkpoint to resume in {path} (expected trainer_state.json or checkpoints/latest).')
+
+
+# ---- schedule ------------------------------------------------------------------------------------------------------
+def build_scheduler(cfg: TrainConfig, optimizer, total_steps: int, steps_per_epoch: int):
+    """timm scheduler counted in optimizer updates, so resuming at any step gives the same learning rate."""
+    if cfg.sched == 'none':
+        return None
+    from timm.scheduler import create_scheduler_v2
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    milestones = [int(m * total_steps) for m in cfg.decay_milestones]
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=cfg.sched, num_epochs=total_steps, updates_per_epoch=1, step_on_epochs=False,
+        warmup_epochs=warmup, warmup_lr=cfg.lr * 0.01 if warmup else 0.0, min_lr=cfg.min_lr,
+        decay_milestones=milestones, decay_epochs=milestones[0] if milestones else 30, decay_rate=cfg.decay_rate,
+        cooldown_epochs=0)
+    return scheduler
+
+
+# ---- loss ----------------------------------------------------------------------------------------------------------
+def stage_loss(model, x, y, cfg: TrainConfig, ce_fn) -> Dict[str, torch.Tensor]:
+    """The objective of ``cfg.stage``; returns the loss and what to log."""
+    from .rewards import hybrid_rl_loss
+    if cfg.stage == 'base':
+        logits = model(x, gate_policy='open')
+        loss = ce_fn(logits, y).mean()
+        return dict(loss=loss, ce=loss.detach(), exec_rate=torch.ones((), device=x.device))
+    trace = model(x, gate_policy=STAGE_POLICY[cfg.stage], return_trace=True)
+    if cfg.stage == 'sp':
+        loss = ce_fn(trace.logits, y).mean()
+        return dict(loss=loss, ce=loss.detach(), exec_rate=trace.actions.mean())
+    loss, ce, rl = hybrid_rl_loss(trace.logits, y, trace.actions, trace.log_probs, alpha=cfg.alpha, beta=cfg.beta,
+                                  gamma=cfg.gamma, rl_weight=cfg.rl_weight, baseline=cfg.rl_baseline, ce_fn=ce_fn)
+    return dict(loss=loss, ce=ce.detach(), rl=rl.detach(), exec_rate=trace.actions.mean())
+
+
+# ---- the run -------------------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig) -> Dict[str, Any]:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from timm.optim import create_optimizer_v2
+    from tqdm.auto import tqdm
+
+    from .accounting import measure_mac_table
+    from .data import DataSpec, build_transforms, make_loader
+    from .evaluation import collect, format_summary, summarize
+    from .export import export_folder
+
+    if cfg.stage not in STAGE_POLICY:
+        raise ValueError(f"--stage must be one of {list(STAGE_POLICY)}, got {cfg.stage!r}.")
+    accelerator = Accelerator(mixed_precision=cfg.amp, gradient_accumulation_steps=cfg.grad_accum_steps,
+                              log_with=cfg.log_with or None, project_dir=cfg.output)
+    set_seed(cfg.seed)
+    os.makedirs(cfg.output, exist_ok=True)
+    log = _Logger(cfg.output, accelerator)
+
+    # data description and model
+    spec = DataSpec(cfg.dataset, cfg.image_column, cfg.label_column, cfg.train_split, cfg.eval_split,
+                    cfg.num_classes, cfg.train_num_samples, cfg.eval_num_samples).resolved()
+    if spec.num_classes is None:
+        raise ValueError(f'Unknown number of classes for {cfg.dataset}: pass --num-classes.')
+    if spec.train_num_samples is None:
+        raise ValueError(f'A stream has no length: pass --train-num-samples for {cfg.dataset}.')
+    model, arch, model_args = build_model(cfg, spec.num_classes)
+    model.set_execution('dense')  # training always runs every block (STE needs it; BN sees the whole batch)
+    if cfg.stage == 'base':
+        model.gates.requires_grad_(False)  # base trains the backbone only; also keeps DDP free of unused params
+    mac_table = measure_mac_table(model)
+    train_tf, eval_tf = build_transforms(model, True), build_transforms(model, False)
+
+    # optimizer and schedule, counted in updates
+    world = accelerator.num_processes
+    steps_per_epoch = spec.train_num_samples // (cfg.batch_size * world * cfg.grad_accum_steps)
+    if steps_per_epoch < 1:
+        raise ValueError('train_num_samples is smaller than one global batch: lower --batch-size.')
+    total_steps = cfg.steps or cfg.epochs * steps_per_epoch
+    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                    momentum=cfg.momentum)
+    scheduler = build_scheduler(cfg, optimizer, total_steps, steps_per_epoch)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ce_fn = nn.CrossEntropyLoss(label_smoothing=cfg.smoothing, reduction='none')
+
+    global_step = 0
+    if cfg.resume:
+        ckpt = resolve_checkpoint(cfg.resume)
+        accelerator.load_state(ckpt)
+        with open(os.path.join(ckpt, 'trainer_state.json')) as f:
+            saved = json.load(f)
+        if saved['stage'] != cfg.stage:
+            raise ValueError(f"{ckpt} is a '{saved['stage']}' checkpoint; resume it with --stage {saved['stage']}.")
+        global_step = saved['global_step']
+        log.info(f'resumed from {ckpt} at update {global_step}')
+    accelerator.init_trackers('skipnet', config={k: str(v) for k, v in dataclasses.asdict(cfg).items()})
+    log.info(f'{cfg.stage}: {arch} {model_args}, {world} process(es), {steps_per_epoch} updates/epoch, '
+             f'{total_steps} updates, {mac_table.full_macs / 1e6:.1f} MMACs full')
+
+    def save(final: bool = False) -> str:
+        state = dict(global_step=global_step, stage=cfg.stage, arch=arch, model_args=model_args,
+                     config=dataclasses.asdict(cfg), final=final)
+        return save_checkpoint(accelerator, cfg.output, state, cfg.keep_checkpoints)
+
+    def evaluate(tag: str) -> Dict[str, Any]:
+        loader = make_loader(spec, spec.eval_split, eval_tf, cfg.batch_size, rank=accelerator.process_index,
+                             world_size=world, limit=_per_rank(spec.eval_num_samples, world))
+        summary = summarize(collect(model, loader, accelerator, progress=accelerator.is_local_main_process),
+                            mac_table)
+        summary.update(stage=cfg.stage, global_step=global_step, model=arch, model_args=model_args)
+        if accelerator.is_main_process:
+            _atomic_write_text(os.path.join(cfg.output, f'eval_{tag}.json'), json.dumps(summary, indent=2))
+        log.info(f'eval ({tag}, update {global_step}):\n' + format_summary(summary))
+        accelerator.log({f'eval/{k}': v for k, v in summary.items() if isinstance(v, (int, float))},
+                        step=global_step)
+        return summary
+
+    # the loop
+    model.train()
+    bar = tqdm(total=total_steps, initial=global_step, desc=cfg.stage, disable=not accelerator.is_local_main_process)
+    samples, bad_images, t0, window = 0, 0, time.perf_counter(), []
+    while global_step < total_steps:
+        epoch, start = divmod(global_step, steps_per_epoch)
+        per_batch = cfg.batch_size * cfg.grad_accum_steps
+        loader = make_loader(spec, spec.train_split, train_tf, cfg.batch_size, rank=accelerator.process_index,
+                             world_size=world, shuffle=True, seed=cfg.seed, epoch=epoch, skip=start * per_batch,
+                             shuffle_buffer=cfg.shuffle_buffer, workers=cfg.workers)
+        batches = iter(loader)
+        for _ in range(start, steps_per_epoch):
+            if global_step >= total_steps:
+                break
+            if scheduler is not None:
+                scheduler.step_update(global_step)
+            for _micro in range(cfg.grad_accum_steps):
+                x, y, n_bad = next(batches, (None, None, -1))
+                if n_bad < 0:
+                    break  # stream ended early (bad images skipped): the epoch is over
+                bad_images += n_bad
+                if x is None:
+                    continue
+                x, y = x.to(accelerator.device), y.to(accelerator.device)
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        out = stage_loss(model, x, y, cfg, ce_fn)
+                    accelerator.backward(out['loss'])
+                    if accelerator.sync_gradients and cfg.clip_grad:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                samples += x.shape[0]
+                window.append({k: v.item() for k, v in out.items()})
+            global_step += 1
+            bar.update(1)
+            if global_step % cfg.log_every == 0 or global_step == total_steps:
+                dt = time.perf_counter() - t0
+                metrics = {k: sum(w[k] for w in window) / len(window) for k in window[0]} if window else {}
+                metrics.update(lr=optimizer.param_groups[0]['lr'], img_per_s=samples * world / dt,
+                               bad_images=bad_images, epoch=epoch)
+                bar.set_postfix({k: f'{v:.4g}' for k, v in metrics.items() if k in ('loss', 'exec_rate', 'lr')})
+                log.metrics(global_step, metrics)
+                accelerator.log({f'train/{k}': v for k, v in metrics.items()}, step=global_step)
+                samples, t0, window = 0, time.perf_counter(), []
+            if global_step % cfg.checkpoint_every == 0 and global_step < total_steps:
+                save()
+        if cfg.eval_every_epochs and (epoch + 1) % cfg.eval_every_epochs == 0 and global_step < total_steps:
+            evaluate(f'{cfg.stage}_epoch{epoch + 1}')
+            model.train()
+    bar.close()
+    if bad_images:
+        log.info(f'{bad_images} undecodable training images were skipped')
+    ckpt = save(final=True)
+    summary = evaluate(cfg.stage)
+    if cfg.export and accelerator.is_main_process:
+        folder = export_folder(accelerator.unwrap_model(model), os.path.join(cfg.output, 'model'), model_args,
+                               eval_summary=summary, train_config=dataclasses.asdict(cfg))
+        log.info(f'exported {folder} (reload: timm.create_model("local-dir:{os.path.abspath(folder)}"))')
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    summary['checkpoint'] = ckpt
+    return summary
+
+
+def _per_rank(n: Optional[int], world: int) -> Optional[int]:
+    return None if n is None else math.ceil(n / world)
+
+
+class _Logger:
+    """Main-process console lines plus ``log.jsonl`` (one JSON object per logged update)."""
+
+    def __init__(self, output: str, accelerator):
+        self.path = os.path.join(output, 'log.jsonl')
+        self.main = accelerator.is_main_process
+
+    def info(self, msg: str) -> None:
+        if self.main:
+            print(msg, flush=True)
+
+    def metrics(self, step: int, metrics: Dict[str, float]) -> None:
+        if self.main:
+            with open(self.path, 'a') as f:
+                f.write(json.dumps(dict(step=step, time=time.time(), **metrics)) + '\n')
+
+
+def main(argv=None) -> Dict[str, Any]:
+    return train(parse_config(argv))
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser('train', help='train a SkipNet stage (base | sp | rl); same flags as examples/finetune.py')
+    build_arg_parser(p)
+    p.set_defaults(func=lambda args: train(_config_with_yaml(args)))
+
+
+def _config_with_yaml(args) -> TrainConfig:
+    if args.config:
+        import sys
+        return parse_config(sys.argv[2:])
+    return config_from_args(args)
