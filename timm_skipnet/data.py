@@ -180,5 +180,7 @@ def make_loader(spec: DataSpec, split: str, transform: Callable, batch_size: int
     if world_size > 1:
         ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
     stream = ImageStream(ds, transform, spec.image_column, spec.label_column, skip=skip, limit=limit)
+    # an own generator: creating the iterator must not draw from the global RNG, or resuming would shift it
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
     return torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=collate_skipping_bad,
-                                       num_workers=workers)
+                                       num_workers=workers, generator=generator)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The published SkipNet-38 / CIFAR-10 recipe: base (= the ResNet-38 baseline) -> sp -> rl at two alphas.
+# Every stage checkpoints each epoch and this script resumes where it stopped: re-run it after an interruption.
+#   CIFAR10_DIR=../shared/data/cifar10/plain bash examples/cifar10_skipnet38.sh [base|sp|rl|all]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${CIFAR10_DIR:-../shared/data/cifar10/plain}
+RUNS=${RUNS:-runs}
+PY=${PYTHON:-.venv/bin/python}
+COMMON=(--model skipnet_resnet38_cifar --dataset "$DATA" --batch-size 128 --checkpoint-every 390 --log-every 50 --seed 0)
+
+run() {  # run <name> <args...>: skip when finished, resume when a checkpoint exists
+  local name=$1; shift
+  local out="$RUNS/$name"
+  if [ -f "$out/model/model.safetensors" ]; then echo "[$name] done"; return; fi
+  local resume=()
+  [ -f "$out/checkpoints/latest" ] && resume=(--resume "$out")
+  mkdir -p "$out"
+  echo "[$name] $(date -u +%FT%TZ) start ${resume[*]:-fresh}" >> "$out/wall_time.log"
+  "$PY" examples/finetune.py "${COMMON[@]}" --output "$out" "${resume[@]}" "$@"
+  echo "[$name] $(date -u +%FT%TZ) end" >> "$out/wall_time.log"
+}
+
+stage=${1:-all}
+if [[ $stage == base || $stage == all ]]; then
+  run c10_r38_base --stage base --epochs 50 --lr 0.1 --weight-decay 5e-4 --sched cosine --warmup-epochs 1 \
+      --eval-every-epochs 10
+fi
+if [[ $stage == sp || $stage == all ]]; then
+  run c10_r38_sp --stage sp --initial-checkpoint "$RUNS/c10_r38_base/model" --epochs 5 --lr 0.01 \
+      --weight-decay 5e-4 --sched cosine
+fi
+if [[ $stage == rl || $stage == all ]]; then
+  for alpha in 0.1 0.5; do
+    run "c10_r38_rl_a$alpha" --stage rl --initial-checkpoint "$RUNS/c10_r38_sp/model" --epochs 8 --lr 1e-4 \
+        --weight-decay 1e-4 --sched none --alpha "$alpha"
+  done
+fi
