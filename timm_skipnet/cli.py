@@ -2,13 +2,14 @@
 import argparse
 import importlib
 
-_SUBCOMMANDS = ('bench', 'train', 'eval', 'export', 'publish', 'convert_original', 'analyze')
+# modules that define add_parser(subparsers); each may add one or more subcommands
+_MODULES = ('train', 'evaluation', 'bench', 'hub', 'original', 'analysis')
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='timm-skipnet', description='SkipNet dynamic-depth ResNets for timm.')
     sub = parser.add_subparsers(dest='command', required=True)
-    for name in _SUBCOMMANDS:
+    for name in _MODULES:
         try:
             module = importlib.import_module(f'timm_skipnet.{name}')
         except ModuleNotFoundError as e:
