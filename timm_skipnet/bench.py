@@ -47,22 +47,7 @@ def run_bench(model_name: str = 'skipnet_resnet50', batch_sizes: Sequence[int] =
     for bs in batch_sizes:
         x = torch.randn(bs, 3, img_size, img_size)
         macs_seen: List[torch.Tensor] = []
-
-        def gated(execution, p):
-            def fn():
-                skip.set_execution(execution)
-                skip.gates.set_constant_probability(p)
-                trace = skip(x, gate_policy='sample', return_trace=True)
-                if p < 1.0 and execution == 'sparse':
-                    macs_seen.append(table.per_image_macs(trace.actions))
-            return fn
-
-        variants = {
-            'plain timm ResNet': lambda: plain(x),
-            'SkipNet, all gates open': gated('sparse', 1.0),
-            f'SkipNet dense, rate {rate:g}': gated('dense', rate),
-            f'SkipNet sparse, rate {rate:g}': gated('sparse', rate),
-        }
+        variants = _variants(plain, skip, x, rate, table, macs_seen)
         times = {k: [] for k in variants}
         for fn in variants.values():  # warm-up
             fn()
@@ -84,6 +69,25 @@ def run_bench(model_name: str = 'skipnet_resnet50', batch_sizes: Sequence[int] =
             rows.append(dict(batch=bs, variant=name, latency_ms=1e3 * t, img_per_s=bs / t, ideal_R=r, speedup_S=s,
                              eta=s / r, iters=len(ts)))
     return rows
+
+
+def _variants(plain, skip, x, rate, table, macs_seen) -> Dict:
+    """The timed callables for one input batch; sparse runs record the MACs their decisions cost."""
+    def gated(execution, p):
+        def fn():
+            skip.set_execution(execution)
+            skip.gates.set_constant_probability(p)
+            trace = skip(x, gate_policy='sample', return_trace=True)
+            if p < 1.0 and execution == 'sparse':
+                macs_seen.append(table.per_image_macs(trace.actions))
+        return fn
+
+    return {
+        'plain timm ResNet': lambda: plain(x),
+        'SkipNet, all gates open': gated('sparse', 1.0),
+        f'SkipNet dense, rate {rate:g}': gated('dense', rate),
+        f'SkipNet sparse, rate {rate:g}': gated('sparse', rate),
+    }
 
 
 def format_table(rows: List[Dict]) -> str:

@@ -33,7 +33,7 @@ def write_model_card(folder: str, eval_summary: Optional[Dict] = None, train_con
         f'- **Architecture:** `{arch}` with `{json.dumps(args)}`',
         '- **Model Stats:**',
         f'  - Params (M): {params / 1e6:.3f}' if params else '  - Params (M): n/a',
-        f"  - Image size: {pcfg.get('input_size', ['?', '?', '?'])[-1]} x {pcfg.get('input_size', ['?', '?', '?'])[-1]}",
+        f"  - Image size: {pcfg.get('input_size', [0])[-1]} x {pcfg.get('input_size', [0])[-1]}",
     ]
     if s:
         lines += [f"  - GMACs, full network (all blocks): {s['gmacs_full']:.4f}",

@@ -62,6 +62,7 @@ def _sniff_local(folder: str) -> Dict:
     for cand in ('img', 'image'):
         if cand in schema.names:
             out['image_column'] = cand
+            break
     for cand in ('label', 'fine_label', 'labels'):
         if cand in schema.names:
             out['label_column'] = cand

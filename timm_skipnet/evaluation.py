@@ -17,9 +17,9 @@ def collect(model, loader, accelerator=None, max_batches: Optional[int] = None, 
     preds, labels, actions, probs, n_bad = [], [], [], [], 0
     bar = tqdm(loader, desc='eval', disable=not progress, leave=False)
     for i, (x, y, bad) in enumerate(bar):
-        n_bad += bad
         if max_batches is not None and i >= max_batches:
             break
+        n_bad += bad
         if x is None:
             continue
         x, y = x.to(device), y.to(device)

@@ -1,0 +1,157 @@
+"""SkipNet semantics: which blocks are gated, what a gate reads, the merge rule, sparse == dense, conversion."""
+import copy
+
+import pytest
+import timm
+import torch
+
+from tests.helpers import randomize_bn, randomize_gates
+from timm_skipnet import convert_to_skipnet
+from timm_skipnet.skipnet import _shortcut
+
+
+@pytest.mark.parametrize('name,gated', [('skipnet_resnet38_cifar', 17), ('skipnet_resnet74_cifar', 35),
+                                        ('skipnet_resnet110_cifar', 53), ('skipnet_resnet152_cifar', 74),
+                                        ('skipnet_resnet18', 7), ('skipnet_resnet34', 15), ('skipnet_resnet50', 15),
+                                        ('skipnet_resnet101', 32), ('skipnet_resnet152', 49)])
+def test_every_block_but_the_first_is_gated(name, gated):
+    model = timm.create_model(name)
+    assert model.num_gated_blocks == gated and len(model.blocks()) == gated + 1
+
+
+def test_cifar_backbone_is_the_original_6n_plus_2_resnet():
+    model = timm.create_model('skipnet_resnet38_cifar')
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert isinstance(model.maxpool, torch.nn.Identity)
+    assert [model.feature_info[i]['num_chs'] for i in range(1, 4)] == [16, 32, 64]
+    # RNN-gate SkipNet-38 of the original has 571,913 parameters incl. one unused gate projection (64*10+10)
+    assert sum(p.numel() for p in model.parameters()) == 571_913 - 650
+
+
+def test_gate_for_block_k_reads_block_k_input():
+    model = timm.create_model('skipnet_resnet38_cifar').eval()
+    randomize_gates(model)
+    block_inputs, gate_inputs = {}, {}
+    for k, block in enumerate(model.blocks()):
+        block.register_forward_pre_hook(lambda m, a, k=k: block_inputs.setdefault(k, a[0].clone()))
+    for j, embed in enumerate(model.gates.embed):
+        embed.register_forward_pre_hook(lambda m, a, j=j: gate_inputs.setdefault(j, a[0].clone()))
+    model(torch.randn(2, 3, 32, 32), gate_policy='open', return_trace=True)  # open: every block sees its input
+    for j in range(model.num_gated_blocks):
+        assert torch.allclose(gate_inputs[j], block_inputs[j + 1].mean((2, 3))), j
+
+
+@pytest.mark.parametrize('gate_type', ['rnn', 'ff1', 'ff2'])
+def test_merge_is_gate_times_block_plus_complement_times_shortcut(gate_type):
+    model = timm.create_model('skipnet_resnet38_cifar', gate_type=gate_type).eval()
+    randomize_bn(model)
+    randomize_gates(model)
+    x = torch.randn(16, 3, 32, 32)
+    trace = model.forward_with_gates(x)
+    assert 0 < trace.actions.mean() < 1, 'the test needs a mix of executed and skipped blocks'
+    assert (trace.actions[:, [5, 11]] == 0).any()  # a stride-2 stage entry is skipped: projection-only output
+    with torch.no_grad():
+        h = model.maxpool(model._forward_stem(x))
+        for k, block in enumerate(model.blocks()):
+            if k == 0:
+                h = block(h)
+                continue
+            a = trace.actions[:, k - 1].view(-1, 1, 1, 1)
+            h = a * block(h) + (1 - a) * _shortcut(block, h)
+        expected = model.forward_head(h)
+    assert torch.allclose(trace.logits, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize('name,size', [('skipnet_resnet38_cifar', 32), ('skipnet_resnet50', 64)])
+@pytest.mark.parametrize('gate_type', ['rnn', 'ff1'])
+@pytest.mark.parametrize('batch', [1, 5])
+def test_sparse_and_dense_execution_agree_in_eval(name, size, gate_type, batch):
+    model = timm.create_model(name, gate_type=gate_type).eval()
+    randomize_bn(model)
+    randomize_gates(model)
+    x = torch.randn(batch, 3, size, size)
+    model.set_execution('sparse')
+    sparse = model.forward_with_gates(x)
+    model.set_execution('dense')
+    dense = model.forward_with_gates(x)
+    assert torch.equal(sparse.actions, dense.actions)
+    assert torch.allclose(sparse.logits, dense.logits, rtol=1e-4, atol=1e-4)
+    for policy in ('sample', 'open'):
+        torch.manual_seed(3)
+        d = model(x, gate_policy=policy)
+        model.set_execution('sparse')
+        torch.manual_seed(3)
+        s = model(x, gate_policy=policy)
+        model.set_execution('dense')
+        assert torch.allclose(s, d, rtol=1e-4, atol=1e-4), policy
+
+
+def test_inference_threshold_is_strictly_greater_than_one_half():
+    model = timm.create_model('skipnet_resnet38_cifar').eval()
+    model.gates.set_constant_probability(0.5)
+    assert model.forward_with_gates(torch.randn(2, 3, 32, 32)).actions.sum() == 0
+    model.gates.set_constant_probability(0.5001)
+    assert model.forward_with_gates(torch.randn(2, 3, 32, 32)).actions.min() == 1
+
+
+def test_sparse_execution_is_refused_in_training_mode():
+    model = timm.create_model('skipnet_resnet38_cifar', execution='sparse').train()
+    with pytest.raises(RuntimeError, match='eval mode'):
+        model(torch.randn(2, 3, 32, 32))
+
+
+def test_straight_through_forward_is_hard_and_gradient_reaches_the_gates():
+    model = timm.create_model('skipnet_resnet38_cifar').train()
+    randomize_gates(model)
+    trace = model(torch.randn(4, 3, 32, 32), return_trace=True)
+    assert set(trace.actions.unique().tolist()) <= {0.0, 1.0}
+    trace.logits.logsumexp(1).sum().backward()
+    assert model.gates.head.weight.grad.abs().sum() > 0
+    assert model.gates.embed[3].weight.grad.abs().sum() > 0
+
+
+def test_skipnet_resnet50_with_open_gates_equals_timm_resnet50():
+    plain = timm.create_model('resnet50').eval()
+    randomize_bn(plain)
+    skip = timm.create_model('skipnet_resnet50', pretrained=True,
+                             pretrained_cfg_overlay=dict(state_dict=plain.state_dict())).eval()
+    x = torch.randn(2, 3, 64, 64)
+    for execution in ('sparse', 'dense'):
+        skip.set_execution(execution)
+        assert torch.equal(skip(x), plain(x))
+        assert torch.equal(skip(x, gate_policy='open'), plain(x))
+
+
+FAMILIES = ['resnet18', 'resnet50d', 'seresnext26d_32x4d', 'resnext50_32x4d',
+            'ecaresnet26t', 'res2net50_14w_8s', 'resnest14d', 'skresnet18', 'resnetblur18', 'resnet10t']
+
+
+@pytest.mark.parametrize('base', FAMILIES)
+def test_any_timm_resnet_converts_and_open_gates_reproduce_it_exactly(base):
+    model = timm.create_model(base).eval()
+    randomize_bn(model)
+    x = torch.randn(2, 3, 64, 64)
+    expected = model(x)
+    skip = convert_to_skipnet(copy.deepcopy(model))
+    assert skip.num_gated_blocks == len(skip.blocks()) - 1
+    assert torch.equal(skip(x), expected)
+    skip.train()
+    skip(x).sum().backward()
+    assert all(p.grad is not None for p in skip.parameters())
+
+
+@pytest.mark.parametrize('base', ['resnetv2_50', 'resnet51q', 'legacy_seresnet18',
+                                  'regnetx_002'])
+def test_non_resnet_families_get_a_clear_error(base):
+    model = timm.create_model(base)
+    with pytest.raises(TypeError, match=r'Supported timm families.*resnet\*.*ResNetV2'):
+        convert_to_skipnet(model)
+
+
+def test_skipnet_from_timm_builds_any_resnet_by_name():
+    model = timm.create_model('skipnet_from_timm', base_model='seresnext26d_32x4d', num_classes=3,
+                              gate_type='ff2').eval()
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+    assert type(model.gates).__name__ == 'FeedForwardGates'
+    with pytest.raises(ValueError, match='plain timm ResNet'):
+        timm.create_model('skipnet_from_timm', base_model='skipnet_resnet50')
