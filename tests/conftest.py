@@ -24,6 +24,10 @@ def cifar10_dir():
     return CIFAR10_DIR
 
 
+if os.environ.get('SKIPNET_TEST_THREADS'):  # e.g. 1 while a training run shares the CPU
+    torch.set_num_threads(int(os.environ['SKIPNET_TEST_THREADS']))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

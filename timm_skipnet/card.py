@@ -13,7 +13,7 @@ CITATION = """@inproceedings{wang2018skipnet,
 
 
 def write_model_card(folder: str, eval_summary: Optional[Dict] = None, train_config: Optional[Dict] = None,
-                     repo_id: Optional[str] = None, extra: str = '') -> str:
+                     repo_id: Optional[str] = None, extra: str = '', dataset: Optional[str] = None) -> str:
     with open(os.path.join(folder, 'config.json')) as f:
         config = json.load(f)
     arch = config['architecture']
@@ -22,7 +22,7 @@ def write_model_card(folder: str, eval_summary: Optional[Dict] = None, train_con
     name = repo_id or os.path.basename(os.path.abspath(folder))
     params = _num_params(folder)
     s = eval_summary or {}
-    dataset = (train_config or {}).get('dataset', s.get('dataset', 'unknown'))
+    dataset = dataset or (train_config or {}).get('dataset') or s.get('dataset') or 'not stated'
     lines = [
         '---', 'tags:', '- image-classification', '- timm', '- skipnet', 'library_name: timm', 'license: apache-2.0',
         'pipeline_tag: image-classification', '---', f'# Model card for {name}', '',
@@ -43,8 +43,8 @@ def write_model_card(folder: str, eval_summary: Optional[Dict] = None, train_con
               'https://arxiv.org/abs/1711.09485', f'- **Dataset:** {dataset}', '',
               '## Model Usage', '', '```python', '# pip install timm-skipnet', 'import timm_skipnet  # registers the '
               'SkipNet architectures with timm', 'import timm, torch', '',
-              f'model = timm.create_model("hf-hub:{name}", pretrained=True).eval()' if repo_id else
-              'model = timm.create_model("local-dir:/path/to/this/folder", pretrained=True).eval()',
+              f'model = timm.create_model("hf-hub:{name}", pretrained=True).eval()' if '/' in name else
+              f'model = timm.create_model("local-dir:/path/to/{name}", pretrained=True).eval()',
               'cfg = timm.data.resolve_model_data_config(model)',
               'transform = timm.data.create_transform(**cfg, is_training=False)',
               'logits = model(transform(img).unsqueeze(0))  # img: a PIL image',

@@ -9,7 +9,8 @@ from . import __version__
 
 
 def export_folder(model, folder: str, model_args: Dict[str, Any], eval_summary: Optional[Dict] = None,
-                  train_config: Optional[Dict] = None, card: bool = True) -> str:
+                  train_config: Optional[Dict] = None, card: bool = True, repo_id: Optional[str] = None,
+                  dataset: Optional[str] = None, card_extra: str = '') -> str:
     from timm.models import save_for_hf
     tmp = folder.rstrip('/') + '.tmp'
     shutil.rmtree(tmp, ignore_errors=True)
@@ -21,7 +22,9 @@ def export_folder(model, folder: str, model_args: Dict[str, Any], eval_summary: 
             json.dump(eval_summary, f, indent=2)
     if card:
         from .card import write_model_card
-        write_model_card(tmp, eval_summary=eval_summary, train_config=train_config)
+        write_model_card(tmp, eval_summary=eval_summary, train_config=train_config,
+                         repo_id=repo_id or os.path.basename(os.path.abspath(folder)), dataset=dataset,
+                         extra=card_extra)
     if os.path.exists(folder):
         old = folder.rstrip('/') + '.old'
         shutil.rmtree(old, ignore_errors=True)
