@@ -573,34 +573,12 @@ def write_report(data: AnalysisData, stats: dict[str, Any], out_dir: str) -> dic
 
 
 # ---- command line ----------------------------------------------------------------------------------------------------
-def load_model(name: str, checkpoint: str = '', num_classes: int | None = None, pretrained: bool = False):
-    """A SkipNet from a ``skipnet_*`` name, ``local-dir:`` / ``hf-hub:`` (with their own weights) or a plain timm
-    ResNet name (converted); ``checkpoint`` (weights file or exported folder) is loaded on top."""
-    import timm
-
-    import timm_skipnet  # noqa: F401 -- registers the models
-
-    from .skipnet import SkipNetResNet
-    from .train import load_weights
-    kwargs = {} if num_classes is None else dict(num_classes=num_classes)
-    if name.startswith(('local-dir:', 'hf-hub:')):
-        model = timm.create_model(name, pretrained=True)  # the folder / repo's config fixes the classes
-    elif name.startswith('skipnet_'):
-        model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    else:
-        model = timm.create_model('skipnet_from_timm', base_model=name, base_pretrained=pretrained, **kwargs)
-    if not isinstance(model, SkipNetResNet):
-        raise TypeError(f'{name} built a {type(model).__name__}, not a SkipNet: nothing to analyse.')
-    if checkpoint:
-        load_weights(model, checkpoint)
-    return model
-
-
 def main(args) -> dict[str, Any]:
     from .data import DataSpec, build_transforms, make_loader
     spec = DataSpec(args.dataset, image_column=args.image_column, label_column=args.label_column).resolved()
     split = args.split or spec.eval_split
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    from .loading import load_model
     model = load_model(args.model, args.checkpoint, args.num_classes or spec.num_classes, args.pretrained)
     model = model.to(device).eval()
     loader = make_loader(spec, split, build_transforms(model, is_training=False), args.batch_size,

@@ -82,3 +82,48 @@ def format_summary(s: Dict) -> str:
         f"| executed blocks / image (of {s['num_blocks']}) | {s['executed_blocks_mean']:.2f} |",
         f'| per-gate execution rates | {rates} |',
     ])
+
+
+def main(args) -> Dict:
+    """``timm-skipnet eval``: top-1 and exact compute of a model on a dataset split, printed and saved as JSON."""
+    import json
+    import os
+
+    from .accounting import measure_mac_table
+    from .data import DataSpec, build_transforms, make_loader
+    from .loading import load_model
+    spec = DataSpec(args.dataset, image_column=args.image_column, label_column=args.label_column).resolved()
+    split = args.split or spec.eval_split
+    model = load_model(args.model, args.checkpoint, args.num_classes or spec.num_classes, args.pretrained)
+    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    model = model.to(device).eval()
+    loader = make_loader(spec, split, build_transforms(model, is_training=False), args.batch_size,
+                         limit=args.max_images or None, workers=args.workers)
+    summary = summarize(collect(model, loader, progress=True), measure_mac_table(model))
+    summary.update(model=args.model, checkpoint=args.checkpoint or None, dataset=args.dataset, split=split)
+    print(format_summary(summary))
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output + '.tmp', 'w') as f:
+            json.dump(summary, f, indent=2)
+        os.replace(args.output + '.tmp', args.output)
+    return summary
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser('eval', help='top-1, MACs per image and per-gate execution rates on a dataset split')
+    p.add_argument('--model', required=True, help='skipnet_* name, local-dir:<folder>, hf-hub:<repo>, or a timm '
+                                                  'ResNet name (converted)')
+    p.add_argument('--checkpoint', default='', help='weights file or exported folder to load on top')
+    p.add_argument('--pretrained', action='store_true')
+    p.add_argument('--num-classes', type=int, default=None)
+    p.add_argument('--dataset', default='uoft-cs/cifar10', help='Hub dataset or local Parquet / image folder')
+    p.add_argument('--split', default='', help='default: the dataset\'s evaluation split')
+    p.add_argument('--image-column', default=None)
+    p.add_argument('--label-column', default=None)
+    p.add_argument('--max-images', type=int, default=0, help='0: the whole split')
+    p.add_argument('-b', '--batch-size', type=int, default=256)
+    p.add_argument('--device', default='')
+    p.add_argument('--workers', type=int, default=0)
+    p.add_argument('--output', default='', help='write the summary JSON here')
+    p.set_defaults(func=main)

@@ -71,6 +71,7 @@ class TrainConfig:
     clip_grad: Optional[float] = None
     smoothing: float = 0.0
     amp: str = field(default='no', metadata=dict(help='mixed precision: no | fp16 | bf16'))
+    cpu: bool = field(default=False, metadata=dict(help='run on CPU even when a GPU is present'))
     # bookkeeping
     output: str = 'runs/skipnet'
     seed: int = 42
@@ -141,27 +142,9 @@ def build_model(cfg: TrainConfig, num_classes: int):
         model = timm.create_model('skipnet_from_timm', base_pretrained=cfg.pretrained, **model_args)
         arch = 'skipnet_from_timm'
     if cfg.initial_checkpoint:
+        from .loading import load_weights
         load_weights(model, cfg.initial_checkpoint)
     return model, arch, model_args
-
-
-def load_weights(model: nn.Module, path: str, strict: bool = True) -> None:
-    """Safe weight loading: safetensors, or ``torch.load(weights_only=True)``; folders use their model.safetensors."""
-    from .skipnet import checkpoint_filter_fn
-    if os.path.isdir(path):
-        candidates = [os.path.join(path, n) for n in ('model.safetensors', 'pytorch_model.bin')]
-        found = [c for c in candidates if os.path.exists(c)]
-        if not found:
-            raise FileNotFoundError(f'No model.safetensors or pytorch_model.bin in {path}.')
-        path = found[0]
-    if path.endswith('.safetensors'):
-        from safetensors.torch import load_file
-        state = load_file(path, device='cpu')
-    else:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    if not isinstance(state, dict):
-        raise TypeError(f'{path} holds a {type(state).__name__}, expected a state dict of tensors.')
-    model.load_state_dict(checkpoint_filter_fn(state, model), strict=strict)
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------------------
@@ -255,7 +238,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 
     if cfg.stage not in STAGE_POLICY:
         raise ValueError(f"--stage must be one of {list(STAGE_POLICY)}, got {cfg.stage!r}.")
-    accelerator = Accelerator(mixed_precision=cfg.amp, gradient_accumulation_steps=cfg.grad_accum_steps,
+    accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.amp, gradient_accumulation_steps=cfg.grad_accum_steps,
                               log_with=cfg.log_with or None, project_dir=cfg.output)
     set_seed(cfg.seed)
     os.makedirs(cfg.output, exist_ok=True)

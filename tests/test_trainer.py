@@ -1,0 +1,198 @@
+"""The hybrid trainer on a real slice of CIFAR-10: stages, RL objective, resume, multi-process, bad data, export."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+
+from timm_skipnet.train import TrainConfig, parse_config, resolve_checkpoint, save_checkpoint, stage_loss, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def _cfg(cifar10_dir, out, **kw) -> TrainConfig:
+    base = dict(dataset=cifar10_dir, batch_size=8, train_num_samples=64, eval_num_samples=16, lr=0.05,
+                log_every=1, output=str(out), shuffle_buffer=64, checkpoint_every=1000)
+    return TrainConfig(**{**base, **kw})
+
+
+def _logged(out):
+    with open(os.path.join(out, 'log.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize('stage', ['base', 'sp', 'rl'])
+def test_each_stage_trains_a_few_steps_with_finite_loss(cifar10_dir, tmp_path, stage):
+    summary = train(_cfg(cifar10_dir, tmp_path, stage=stage, steps=3, export=False))
+    rows = _logged(tmp_path)
+    assert len(rows) == 3 and all(math.isfinite(r['loss']) for r in rows)
+    assert summary['num_images'] == 16 and 0 <= summary['top1'] <= 100
+    if stage == 'rl':
+        assert 'rl' in rows[0]
+    with open(tmp_path / f'eval_{stage}.json') as f:
+        assert json.load(f)['macs_full'] == 83_280_512
+
+
+def test_base_stage_leaves_the_gates_untouched(cifar10_dir, tmp_path):
+    train(_cfg(cifar10_dir, tmp_path, stage='base', steps=2))
+    trained = load_file(str(tmp_path / 'model' / 'model.safetensors'))
+    from accelerate.utils import set_seed
+    set_seed(42)  # the trainer's default seed: the same initial gates
+    fresh = timm.create_model('skipnet_resnet38_cifar', num_classes=10).state_dict()
+    gate_keys = [k for k in fresh if k.startswith('gates.')]
+    assert gate_keys and all(torch.equal(trained[k], fresh[k]) for k in gate_keys)
+
+
+def test_rl_stage_loss_equals_a_hand_computation(cifar10_dir):
+    from tests.helpers import randomize_gates
+    model = timm.create_model('skipnet_resnet38_cifar').train()
+    randomize_gates(model, scale=0.5)
+    cfg = TrainConfig(stage='rl', alpha=0.3, beta=1.0, rl_weight=0.01)
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([1, 4, 7])
+    ce_fn = torch.nn.CrossEntropyLoss(reduction='none')
+    torch.manual_seed(5)
+    out = stage_loss(model, x, y, cfg, ce_fn)
+    torch.manual_seed(5)
+    trace = model(x, gate_policy='sample', return_trace=True)
+    k_gates = trace.actions.shape[1]
+    expected_rl = 0.0
+    ce = [ce_fn(trace.logits[b:b + 1], y[b:b + 1]).item() for b in range(3)]
+    for b in range(3):
+        for k in range(k_gates):
+            skipped_after = sum(1 - trace.actions[b, j].item() for j in range(k, k_gates))
+            ret = -cfg.beta * ce[b] + cfg.alpha / k_gates * skipped_after
+            expected_rl -= trace.log_probs[b, k].item() * ret
+    assert math.isclose(out['rl'].item(), expected_rl, rel_tol=1e-5)
+    assert math.isclose(out['loss'].item(), sum(ce) / 3 + cfg.rl_weight * expected_rl, rel_tol=1e-5)
+
+
+def test_resume_reproduces_an_uninterrupted_run_exactly(cifar10_dir, tmp_path):
+    # 8 updates per epoch; stop at update 6, resume, finish at 10: crosses an epoch boundary after the resume
+    kw = dict(stage='rl', steps=10, export=False, sched='cosine', lr=0.02)
+    train(_cfg(cifar10_dir, tmp_path / 'straight', **kw))
+    AcceleratorState._reset_state(True)
+    train(_cfg(cifar10_dir, tmp_path / 'split', **dict(kw, steps=10, checkpoint_every=6)))
+    ckpts = tmp_path / 'split' / 'checkpoints'
+    final = sorted(os.listdir(ckpts))
+    assert 'step_0000006' in final and 'step_0000010' in final
+    import shutil
+    shutil.rmtree(ckpts / 'step_0000010')
+    (ckpts / 'latest').write_text('step_0000006')
+    AcceleratorState._reset_state(True)
+    train(_cfg(cifar10_dir, tmp_path / 'split', **dict(kw, resume=str(tmp_path / 'split'))))
+    a = load_file(str(tmp_path / 'straight' / 'checkpoints' / 'step_0000010' / 'model.safetensors'))
+    b = load_file(str(ckpts / 'step_0000010' / 'model.safetensors'))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_an_interrupted_save_keeps_the_previous_checkpoint(tmp_path):
+    from accelerate import Accelerator
+    acc = Accelerator(cpu=True)
+    model = acc.prepare(torch.nn.Linear(2, 2))
+    first = save_checkpoint(acc, str(tmp_path), dict(global_step=1, stage='sp'))
+
+    def crash(*args, **kwargs):
+        os.makedirs(args[0], exist_ok=True)
+        open(os.path.join(args[0], 'model.safetensors'), 'w').close()  # half-written
+        raise KeyboardInterrupt
+
+    acc.save_state = crash
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(acc, str(tmp_path), dict(global_step=2, stage='sp'))
+    assert resolve_checkpoint(str(tmp_path)) == first
+    assert os.path.getsize(os.path.join(first, 'model.safetensors')) > 0
+    del model
+
+
+def test_bad_images_are_skipped_and_counted(tmp_path, cifar10_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    src = pq.read_table(os.path.join(cifar10_dir, 'train-00000-of-00002.parquet')).slice(0, 40)
+    imgs = src.column('img').to_pylist()
+    for i in (3, 17, 31):
+        imgs[i] = dict(imgs[i], bytes=b'not a jpeg' + imgs[i]['bytes'][:20])
+    table = src.set_column(src.schema.get_field_index('img'), src.schema.field('img'),
+                           pa.array(imgs, type=src.schema.field('img').type))
+    data = tmp_path / 'data'
+    data.mkdir()
+    pq.write_table(table, data / 'train-00000-of-00001.parquet')
+    pq.write_table(table, data / 'test-00000-of-00001.parquet')
+    summary = train(_cfg(str(data), tmp_path / 'out', stage='sp', steps=4, train_num_samples=40,
+                         eval_num_samples=40, batch_size=10, export=False, num_classes=10))
+    assert summary['num_bad_images'] == 3 and summary['num_images'] == 37
+    assert _logged(tmp_path / 'out')[-1]['bad_images'] == 3
+
+
+def test_exported_folder_reloads_exactly_through_local_dir(cifar10_dir, tmp_path):
+    train(_cfg(cifar10_dir, tmp_path, stage='sp', steps=2))
+    folder = tmp_path / 'model'
+    with open(folder / 'config.json') as f:
+        config = json.load(f)
+    assert config['architecture'] == 'skipnet_resnet38_cifar' and config['model_args']['gate_type'] == 'rnn'
+    assert set(config['pretrained_cfg']) <= set(timm.models.PretrainedCfg.__dataclass_fields__)
+    reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    saved = load_file(str(folder / 'model.safetensors'))
+    assert all(torch.equal(v, reloaded.state_dict()[k]) for k, v in saved.items())
+    assert (folder / 'README.md').read_text().startswith('---')
+
+
+def test_yaml_config_sets_defaults_and_flags_override(tmp_path):
+    path = tmp_path / 'cfg.yaml'
+    path.write_text('stage: rl\nalpha: 0.25\nbatch-size: 32\n')
+    cfg = parse_config(['-c', str(path), '--alpha', '0.5'])
+    assert (cfg.stage, cfg.alpha, cfg.batch_size) == ('rl', 0.5, 32)
+    path.write_text('alpah: 1\n')
+    with pytest.raises(ValueError, match='alpah'):
+        parse_config(['-c', str(path)])
+
+
+_RANK_SCRIPT = '''
+import hashlib, json, os, sys
+from accelerate import Accelerator
+from timm_skipnet.data import DataSpec, make_loader
+from torchvision import transforms as T
+acc = Accelerator(cpu=True)
+loader = make_loader(DataSpec(sys.argv[1]), 'train', T.ToTensor(), 8, rank=acc.process_index,
+                     world_size=acc.num_processes, shuffle=True, seed=0, epoch=0, limit=64)
+hashes = [hashlib.sha1(x.numpy().tobytes()).hexdigest() for b, _, _ in loader for x in b]
+with open(os.path.join(sys.argv[2], f'rank{acc.process_index}.json'), 'w') as f:
+    json.dump(hashes, f)
+'''
+
+
+def test_two_cpu_processes_train_and_see_disjoint_data(cifar10_dir, tmp_path):
+    # accelerate's `--cpu --num_processes 2` needs mpirun; on a machine without GPUs `--multi_gpu` starts two
+    # torchrun processes that join a gloo group (DistributedType.MULTI_CPU)
+    launch = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+              '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    script = tmp_path / 'ranks.py'
+    script.write_text(_RANK_SCRIPT)
+    subprocess.run(launch + [str(script), cifar10_dir, str(tmp_path)], check=True, env=env, timeout=300)
+    r0 = json.loads((tmp_path / 'rank0.json').read_text())
+    r1 = json.loads((tmp_path / 'rank1.json').read_text())
+    assert len(r0) == len(r1) == 64 and not set(r0) & set(r1)
+    out = tmp_path / 'run'
+    subprocess.run(launch + [os.path.join(ROOT, 'examples', 'finetune.py'), '--dataset', cifar10_dir, '--stage',
+                             'rl', '--steps', '2', '-b', '4', '--train-num-samples', '64', '--eval-num-samples',
+                             '16', '--output', str(out), '--log-every', '1', '--no-export', '--cpu'],
+                   check=True, env=env, timeout=300)
+    with open(out / 'eval_rl.json') as f:
+        assert json.load(f)['num_images'] == 16  # gathered over both ranks, no duplicates
+    rows = _logged(out)
+    assert len(rows) == 2 and all(math.isfinite(r['loss']) for r in rows)
