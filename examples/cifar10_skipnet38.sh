@@ -27,12 +27,13 @@ if [[ $stage == base || $stage == all ]]; then
       --eval-every-epochs 10
 fi
 if [[ $stage == sp || $stage == all ]]; then
-  run c10_r38_sp --stage sp --initial-checkpoint "$RUNS/c10_r38_base/model" --epochs 5 --lr 0.01 \
-      --weight-decay 5e-4 --sched cosine
+  # fresh gates near the threshold (p = 0.62, all open) so the straight-through gradient can flip them
+  run c10_r38_sp --stage sp --initial-checkpoint "$RUNS/c10_r38_base/model" --reset-gates --gate-init-bias 0.5 \
+      --epochs 5 --lr 0.01 --weight-decay 5e-4 --sched cosine
 fi
 if [[ $stage == rl || $stage == all ]]; then
-  for alpha in 0.1 0.5; do
-    run "c10_r38_rl_a$alpha" --stage rl --initial-checkpoint "$RUNS/c10_r38_sp/model" --epochs 8 --lr 1e-4 \
-        --weight-decay 1e-4 --sched none --alpha "$alpha"
+  for alpha in ${ALPHAS:-0.1 0.5}; do
+    run "c10_r38_rl_a$alpha" --stage rl --initial-checkpoint "$RUNS/c10_r38_sp/model" --epochs 6 --lr 1e-3 \
+        --weight-decay 1e-4 --sched cosine --alpha "$alpha"
   done
 fi

@@ -35,6 +35,10 @@ class TrainConfig:
     resume: str = field(default='', metadata=dict(help='checkpoint dir (or run output dir) to resume'))
     num_classes: Optional[int] = field(default=None, metadata=dict(help='default: from the dataset preset'))
     gate_type: str = field(default='rnn', metadata=dict(help='rnn | ff1 | ff2'))
+    reset_gates: bool = field(default=False, metadata=dict(
+        help='re-initialise the gates after loading weights (start sp from a trained base model)'))
+    gate_init_bias: float = field(default=3.0, metadata=dict(
+        help='initial gate logit for new / reset gates: 3 = open (p 0.95); near 0 lets sp flip them sooner'))
     # data
     dataset: str = field(default='uoft-cs/cifar10', metadata=dict(
         help='Hub dataset (streamed) or a local folder of Parquet files / an image folder'))
@@ -144,6 +148,8 @@ def build_model(cfg: TrainConfig, num_classes: int):
     if cfg.initial_checkpoint:
         from .loading import load_weights
         load_weights(model, cfg.initial_checkpoint)
+    if cfg.reset_gates:
+        model.gates.init_weights(cfg.gate_init_bias)
     return model, arch, model_args
 
 
