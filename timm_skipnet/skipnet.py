@@ -401,8 +401,13 @@ for _name, (_, _, _timm_tag) in _IMAGENET_ARCHS.items():
     _base = _timm_tag.split('.')[0]
     _default_cfgs[f'{_name}.{_timm_tag.split(".")[1]}'] = _backbone_cfg(_timm_tag)
     _default_cfgs[f'{_name}.tv_in1k'] = _backbone_cfg(f'{_base}.tv_in1k')
+# trained SkipNet weights published by this project (hub_configs/<arch>.<tag>/ holds each repo's content)
+_default_cfgs['skipnet_resnet38_cifar.cifar10'] = _cifar_cfg(
+    hf_hub_id=f'{HUB_ORG}/skipnet_resnet38_cifar.cifar10',
+    notes=('SkipNet-38 (RNN gates) trained on CIFAR-10 with timm-skipnet: base -> sp -> rl.',))
 for _depth in _CIFAR_DEPTHS:
-    _default_cfgs[f'skipnet_resnet{_depth}_cifar'] = _cifar_cfg()
+    if not any(k.startswith(f'skipnet_resnet{_depth}_cifar.') for k in _default_cfgs):
+        _default_cfgs[f'skipnet_resnet{_depth}_cifar'] = _cifar_cfg()
 _default_cfgs['skipnet_from_timm'] = _cfg()
 default_cfgs = generate_default_cfgs(_default_cfgs)
 
