@@ -32,8 +32,8 @@ if [[ $stage == sp || $stage == all ]]; then
       --epochs 5 --lr 0.01 --weight-decay 5e-4 --sched cosine
 fi
 if [[ $stage == rl || $stage == all ]]; then
-  for alpha in ${ALPHAS:-0.1 0.5}; do
+  for alpha in ${ALPHAS:-0.5 1.0}; do
     run "c10_r38_rl_a$alpha" --stage rl --initial-checkpoint "$RUNS/c10_r38_sp/model" --epochs 6 --lr 1e-3 \
-        --weight-decay 1e-4 --sched cosine --alpha "$alpha"
+        --weight-decay 1e-4 --sched cosine --alpha "$alpha" --rl-baseline batch_mean
   done
 fi

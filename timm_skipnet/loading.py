@@ -9,6 +9,8 @@ from .skipnet import SkipNetResNet, checkpoint_filter_fn
 
 def load_weights(model: nn.Module, path: str, strict: bool = True) -> None:
     """Safe weight loading: safetensors, or ``torch.load(weights_only=True)``; folders use their model.safetensors."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'Weights not found: {path} (give a .safetensors / .pth file or an exported folder).')
     if os.path.isdir(path):
         candidates = [os.path.join(path, n) for n in ('model.safetensors', 'pytorch_model.bin')]
         found = [c for c in candidates if os.path.exists(c)]
