@@ -76,6 +76,13 @@ def test_sparse_and_dense_execution_agree_in_eval(name, size, gate_type, batch):
     dense = model.forward_with_gates(x)
     assert torch.equal(sparse.actions, dense.actions)
     assert torch.allclose(sparse.logits, dense.logits, rtol=1e-4, atol=1e-4)
+    with torch.inference_mode():  # the inference hot path: greedy, untraced, scattering in place
+        x_before = x.clone()
+        model.set_execution('sparse')
+        fast = model(x)
+        model.set_execution('dense')
+        assert torch.allclose(fast, model(x), rtol=1e-4, atol=1e-4)
+        assert torch.equal(x, x_before)
     for policy in ('sample', 'open'):
         torch.manual_seed(3)
         d = model(x, gate_policy=policy)

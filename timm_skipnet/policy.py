@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 POLICIES = ('straight_through', 'sample', 'greedy', 'open')
-THRESHOLD = 0.5  # a block runs iff p > 0.5 (strict, as the original code)
+THRESHOLD = 0.5  # a block runs iff p > 0.5 (strict, as the original code), i.e. iff its logit > 0
 
 
 @dataclass
@@ -20,9 +20,16 @@ class GateDecision:
     log_prob: torch.Tensor  # (B,) log pi(action); differentiable w.r.t. the logit
 
 
-def straight_through(prob: torch.Tensor) -> torch.Tensor:
+def hard_decision(logits: torch.Tensor) -> torch.Tensor:
+    """1 where p = sigmoid(logit) > 0.5. Decided on the logit: float32 sigmoid rounds logits within ~3e-8 of 0 to
+    exactly 0.5, and the logit test keeps every path (train, eval, sparse, dense) on the same side of the line."""
+    return (logits > 0).to(logits.dtype)
+
+
+def straight_through(prob: torch.Tensor, hard: torch.Tensor = None) -> torch.Tensor:
     """Hard 0/1 value in the forward pass, gradient of ``prob`` in the backward pass."""
-    hard = (prob > THRESHOLD).to(prob.dtype)
+    if hard is None:
+        hard = (prob > THRESHOLD).to(prob.dtype)
     return hard - prob.detach() + prob
 
 
@@ -35,13 +42,13 @@ def decide(logits: torch.Tensor, policy: str) -> GateDecision:
     """Turn gate logits (B,) into a :class:`GateDecision` under ``policy``."""
     prob = torch.sigmoid(logits)
     if policy == 'straight_through':
-        gate = straight_through(prob)
+        gate = straight_through(prob, hard_decision(logits).detach())
         action = gate.detach()
     elif policy == 'sample':
         action = torch.bernoulli(prob.detach())
         gate = action
     elif policy == 'greedy':
-        action = (prob > THRESHOLD).to(prob.dtype).detach()
+        action = hard_decision(logits).detach()
         gate = action
     elif policy == 'open':
         action = torch.ones_like(prob).detach()

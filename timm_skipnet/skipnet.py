@@ -25,7 +25,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch.utils.checkpoint import checkpoint
 
 from .gates import create_gates
-from .policy import POLICIES, decide
+from .policy import POLICIES, decide, hard_decision
 
 __all__ = ['SkipNetResNet', 'SkipNetTrace', 'convert_to_skipnet', 'checkpoint_filter_fn', 'EXECUTION_MODES']
 
@@ -53,8 +53,11 @@ def _shortcut(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x if block.downsample is None else block.downsample(x)
 
 
-def _run_sparse(block: nn.Module, x: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-    """Run ``block`` only on the images with ``action == 1``; the others take the shortcut (and pay only for it)."""
+def _run_sparse(block: nn.Module, x: torch.Tensor, action: torch.Tensor, reuse_input: bool = False) -> torch.Tensor:
+    """Run ``block`` only on the images with ``action == 1``; the others take the shortcut (and pay only for it).
+
+    ``reuse_input``: ``x`` is a temporary nobody else holds, so an identity block may scatter into it in place
+    (saves one full activation copy per block; only without autograd)."""
     if x.shape[0] == 1:
         return block(x) if bool(action[0] > 0.5) else _shortcut(block, x)
     run = action > 0.5
@@ -66,7 +69,7 @@ def _run_sparse(block: nn.Module, x: torch.Tensor, action: torch.Tensor) -> torc
         return _shortcut(block, x)
     y_run = block(x.index_select(0, idx_run))
     if block.downsample is None:
-        return x.index_copy(0, idx_run, y_run)
+        return x.index_copy_(0, idx_run, y_run) if reuse_input else x.index_copy(0, idx_run, y_run)
     idx_skip = (~run).nonzero().squeeze(1)
     y_skip = block.downsample(x.index_select(0, idx_skip))
     out = y_run.new_empty((x.shape[0],) + y_run.shape[1:])
@@ -194,6 +197,9 @@ class SkipNetResNet(ResNet):
         policy, execution = self._resolve(policy)
         use_gates = policy != 'open' or with_trace
         use_ckpt = self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
+        # every gated block's input is a temporary of this loop (block 0 always runs): scattering into it in place
+        # is safe without autograd unless a tap (forward_intermediates) holds it
+        in_place_unsafe = torch.is_grad_enabled() or take_indices is not None
         taps: List[torch.Tensor] = []
         x = self._forward_stem(x)
         if take_indices is not None and 0 in take_indices:
@@ -209,13 +215,18 @@ class SkipNetResNet(ResNet):
                     x = checkpoint(block, x, use_reentrant=False) if use_ckpt else block(x)
                 else:
                     logits, state = self.gates(k - 1, x, state)
+                    if policy == 'greedy' and not with_trace and execution == 'sparse':
+                        # the inference hot path: one comparison per gate, no probabilities or log-probs
+                        x = _run_sparse(block, x, hard_decision(logits), reuse_input=not in_place_unsafe)
+                        k += 1
+                        continue
                     d = decide(logits, policy)
                     if with_trace:
                         probs.append(d.prob)
                         actions.append(d.action)
                         log_probs.append(d.log_prob)
                     if execution == 'sparse':
-                        x = _run_sparse(block, x, d.action)
+                        x = _run_sparse(block, x, d.action, reuse_input=not in_place_unsafe)
                     else:
                         y = checkpoint(block, x, use_reentrant=False) if use_ckpt else block(x)
                         if policy == 'open':
