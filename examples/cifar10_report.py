@@ -1,0 +1,160 @@
+"""After examples/cifar10_skipnet38.sh: pick the published SkipNet-38, export it to hub_configs/, plot accuracy vs
+MACs against the baseline and the paper, and measure the CPU wall-clock speed-up over the baseline.
+
+    .venv/bin/python examples/cifar10_report.py --runs runs --data ../shared/data/cifar10/plain
+
+Selection rule: among the rl runs within 0.5 top-1 points of the baseline, the one with the fewest MACs; if none
+qualifies, the rl run with the best accuracy (and the card says the target was missed).
+"""
+import argparse
+import glob
+import json
+import os
+import platform
+import time
+
+import timm
+import torch
+
+import timm_skipnet  # noqa: F401
+from timm_skipnet.data import DataSpec, build_transforms, make_loader
+from timm_skipnet.hub import export_run
+
+TAG = 'skipnet_resnet38_cifar.cifar10'
+REPO = f'timm-skipnet/{TAG}'
+# paper Fig. 6c / skipnet-reference.md 5.4 (SkipNet HRL points on CIFAR-10, MACs x1e8, top-1 %), and Table 2 R-38
+PAPER_POINTS = [(0.60, 92.75), (0.79, 93.05), (1.26, 93.30), (1.44, 93.68)]
+PAPER_R38 = (0.833, 92.50)
+
+
+def _load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _wall_time(run_dir: str) -> float:
+    """Seconds between the log's first and last line (all sittings; gaps between sittings excluded)."""
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, 'log.jsonl'))]
+    total, prev = 0.0, None
+    for r in rows:
+        if prev is not None and r['time'] - prev < 600:
+            total += r['time'] - prev
+        prev = r['time']
+    return total
+
+
+def _images(data: str, n: int, model):
+    loader = make_loader(DataSpec(data), 'test', build_transforms(model, False), 256, limit=n)
+    return [(x, y) for x, y, _ in loader]
+
+
+@torch.inference_mode()
+def _throughput(model, batches, batch_size: int, max_images: int) -> float:
+    xs = torch.cat([x for x, _ in batches])[:max_images]
+    model(xs[:batch_size])  # warm-up
+    t0 = time.perf_counter()
+    for i in range(0, len(xs), batch_size):
+        model(xs[i:i + batch_size])
+    return len(xs) / (time.perf_counter() - t0)
+
+
+def plot(points, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot([p[0] for p in PAPER_POINTS], [p[1] for p in PAPER_POINTS], 'o--', color='gray',
+            label='SkipNet paper, CIFAR-10 HRL (R-38/74/110, lossless data)')
+    ax.plot(*PAPER_R38, 's', color='gray', mfc='none', label='paper ResNet-38 baseline')
+    for name, (macs, top1) in points.items():
+        marker = 's' if name == 'baseline' else ('^' if name.startswith('sp') else 'o')
+        ax.plot(macs / 1e8, top1, marker, ms=9, label=f'{name} (this repo)')
+    ax.set_xlabel('MACs per image (x 1e8), exact count incl. gates')
+    ax.set_ylabel('top-1 accuracy on the 10k test split (%)')
+    ax.set_title('SkipNet-38 on CIFAR-10: accuracy vs compute')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc='lower right')
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--runs', default='runs')
+    p.add_argument('--data', default=os.environ.get('CIFAR10_DIR', '../shared/data/cifar10/plain'))
+    p.add_argument('--out', default=f'hub_configs/{TAG}')
+    p.add_argument('--assets', default='docs')
+    args = p.parse_args()
+    base = _load(os.path.join(args.runs, 'c10_r38_base', 'eval_base.json'))
+    sp_path = os.path.join(args.runs, 'c10_r38_sp', 'eval_sp.json')
+    rl = {os.path.basename(os.path.dirname(f)): _load(f)
+          for f in sorted(glob.glob(os.path.join(args.runs, 'c10_r38_rl_a*', 'eval_rl.json')))}
+    if not rl:
+        raise SystemExit('No finished rl run yet: run examples/cifar10_skipnet38.sh until an rl stage ends.')
+    ok = {k: v for k, v in rl.items() if v['top1'] >= base['top1'] - 0.5}
+    chosen = min(ok, key=lambda k: ok[k]['macs_mean']) if ok else max(rl, key=lambda k: rl[k]['top1'])
+    run_dir = os.path.join(args.runs, chosen)
+
+    model = timm.create_model(f'local-dir:{os.path.abspath(run_dir)}/model', pretrained=True).eval()
+    baseline = timm.create_model(f'local-dir:{os.path.abspath(args.runs)}/c10_r38_base/model', pretrained=True).eval()
+    baseline.set_gate_policy('open')  # = the plain ResNet-38: no gate is computed
+    batches = _images(args.data, 10_000, model)
+    speed = {}
+    for bs, n in ((1, 1000), (256, 10_000)):
+        speed[bs] = (_throughput(model, batches, bs, n), _throughput(baseline, batches, bs, n))
+    first_1000 = _first_n_top1(model, batches, 1000)
+
+    points = {'baseline': (base['macs_full'], base['top1'])}
+    if os.path.exists(sp_path):
+        sp = _load(sp_path)
+        points['sp'] = (sp['macs_mean'], sp['top1'])
+    for k, v in rl.items():
+        points[k.replace('c10_r38_', '')] = (v['macs_mean'], v['top1'])
+    os.makedirs(args.assets, exist_ok=True)
+    plot_path = plot(points, os.path.join(args.assets, 'cifar10_accuracy_vs_macs.png'))
+
+    s = rl[chosen]
+    cfg = _load(os.path.join(run_dir, 'checkpoints', open(os.path.join(run_dir, 'checkpoints', 'latest')).read(),
+                             'trainer_state.json'))['config']
+    hours = sum(_wall_time(os.path.join(args.runs, r)) for r in ('c10_r38_base', 'c10_r38_sp', chosen)) / 3600
+    verdict = ('meets the target (within 0.5 points of the baseline)' if chosen in ok else
+               'MISSES the target of staying within 0.5 points of the baseline')
+    extra = '\n'.join([
+        '## Comparison with the same-recipe baseline (measured)', '',
+        '| model | top-1 (%) | MMACs / image | MACs reduction | CPU images/s, batch 1 | CPU images/s, batch 256 |',
+        '|---|---:|---:|---:|---:|---:|',
+        f"| ResNet-38 baseline (stage base, gates open) | {base['top1']:.2f} | {base['macs_full'] / 1e6:.2f} | 0 % | "
+        f'{speed[1][1]:.0f} | {speed[256][1]:.0f} |',
+        f"| this model ({chosen}) | {s['top1']:.2f} | {s['macs_mean'] / 1e6:.2f} | {s['macs_reduction_pct']:.1f} % | "
+        f'{speed[1][0]:.0f} | {speed[256][0]:.0f} |', '',
+        f'Wall-clock speed-up over the baseline on the CIFAR-10 test images (real skipping, CPU, '
+        f'{torch.get_num_threads()} threads): {speed[1][0] / speed[1][1]:.2f}x at batch 1 (first 1,000 images), '
+        f'{speed[256][0] / speed[256][1]:.2f}x at batch 256 (10,000 images).',
+        f'This model {verdict}. Top-1 on the first 1,000 test images: {first_1000:.2f} %.', '',
+        '## Reproduce', '', '```bash',
+        'CIFAR10_DIR=../shared/data/cifar10/plain bash examples/cifar10_skipnet38.sh all',
+        '.venv/bin/python examples/cifar10_report.py', '```', '',
+        f"Seed {cfg['seed']}; total training wall time {hours:.2f} h (base + sp + this rl run) on a 2-core CPU "
+        f'({platform.machine()}), torch {torch.__version__}, no GPU. Data: the 50,000-image train split of '
+        f'../shared/data/cifar10/plain (JPEG quality 75 copy of CIFAR-10); results on its 10,000-image test split.',
+    ])
+    s = dict(s, first_1000_top1=first_1000, dataset='CIFAR-10 (JPEG copy, ../shared/data/cifar10/plain)',
+             speedup_batch1=speed[1][0] / speed[1][1], speedup_batch256=speed[256][0] / speed[256][1])
+    eval_path = os.path.join(run_dir, 'eval_published.json')
+    with open(eval_path, 'w') as f:
+        json.dump(s, f, indent=2)
+    export_run(run_dir, args.out, repo_id=REPO, eval_json=eval_path, card_extra=extra)
+    print(f'published {chosen} to {args.out}; plot {plot_path}')
+    print(extra)
+
+
+def _first_n_top1(model, batches, n: int) -> float:
+    xs = torch.cat([x for x, _ in batches])[:n]
+    ys = torch.cat([y for _, y in batches])[:n]
+    with torch.inference_mode():
+        return 100.0 * (model(xs).argmax(1) == ys).float().mean().item()
+
+
+if __name__ == '__main__':
+    main()
