@@ -106,6 +106,13 @@ def format_table(rows: List[Dict]) -> str:
 
 def main(args) -> None:
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    if args.train:
+        rows = run_train_bench(args.model, args.batch_sizes[0], steps=args.steps)
+        print(f'# training step, {args.model}, batch {args.batch_sizes[0]}, CPU, {torch.get_num_threads()} threads')
+        print('| variant | step (ms) | images/s | cost vs plain |\n|---|---:|---:|---:|')
+        for r in rows:
+            print(f"| {r['variant']} | {r['step_ms']:.1f} | {r['img_per_s']:.1f} | {r['cost_vs_plain']:.3f}x |")
+        return
     rows = run_bench(args.model, args.batch_sizes, args.rate, args.img_size, args.min_time, seed=args.seed)
     print(f'# {args.model} at {args.img_size} px, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}')
     print(format_table(rows))
@@ -125,7 +132,61 @@ def add_parser(sub) -> None:
     p.add_argument('--threads', type=int, default=0)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--output', default='', help='also write the rows as JSON')
+    p.add_argument('--train', action='store_true', help='time training steps per stage instead (first batch size)')
+    p.add_argument('--steps', type=int, default=20, help='--train: timed steps per variant')
     p.set_defaults(func=main)
 
 
 __all__ = ['run_bench', 'format_table', 'SkipNetResNet']
+
+
+def run_train_bench(model_name: str = 'skipnet_resnet38_cifar', batch_size: int = 128, steps: int = 20,
+                    img_size: int = 0) -> List[Dict]:
+    """Images/s of one optimizer step per stage, against a plain timm-style step of the same backbone.
+
+    ``plain`` is the timm backbone trained as timm's train.py would (cross-entropy, SGD), with no gate module
+    involved; ``base`` / ``sp`` / ``rl`` are this package's stages (dense execution, as in training).
+    """
+    torch.manual_seed(0)
+    skip = timm.create_model(model_name)
+    size = img_size or skip.pretrained_cfg['input_size'][-1]
+    x = torch.randn(batch_size, 3, size, size)
+    y = torch.randint(0, skip.num_classes, (batch_size,))
+    plain = copy.deepcopy(skip)
+    del plain.gates  # a plain ResNet: the open-policy trunk never touches the gates
+
+    def step_fn(model, loss_fn):
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+        def fn():
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model).backward()
+            opt.step()
+        return fn
+
+    ce = torch.nn.functional.cross_entropy
+    variants = {
+        'plain ResNet (timm-style step)': step_fn(plain, lambda m: ce(m(x, gate_policy='open'), y)),
+        'base (gates open)': step_fn(skip, lambda m: ce(m(x, gate_policy='open'), y)),
+        'sp (straight-through)': step_fn(skip, lambda m: ce(m(x, gate_policy='straight_through'), y)),
+        'rl (sampled + REINFORCE)': step_fn(skip, lambda m: _rl_loss(m, x, y)),
+    }
+    skip.train()
+    plain.train()
+    times = {k: [] for k in variants}
+    for fn in variants.values():
+        fn()
+    for _ in range(steps):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    t_plain = statistics.median(times['plain ResNet (timm-style step)'])
+    return [dict(variant=k, step_ms=1e3 * statistics.median(v), img_per_s=batch_size / statistics.median(v),
+                 cost_vs_plain=statistics.median(v) / t_plain) for k, v in times.items()]
+
+
+def _rl_loss(model, x, y):
+    from .rewards import hybrid_rl_loss
+    t = model(x, gate_policy='sample', return_trace=True)
+    return hybrid_rl_loss(t.logits, y, t.actions, t.log_probs, alpha=0.1)[0]
