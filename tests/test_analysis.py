@@ -31,15 +31,6 @@ CIFAR10_NAMES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog',
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _one_thread():
-    """32 px batches gain little from intra-op threads and lose much when the cores are shared (a training run)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope='module')
 def spec():
     if not os.path.isdir(CIFAR10_DIR):

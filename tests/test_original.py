@@ -236,15 +236,6 @@ def _assert_mixed(masks):
     assert ((per_gate > 0) & (per_gate < 1)).any()
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """Tiny convs gain nothing from threads, and on a busy CPU OpenMP's waiting threads slow them down ~50x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope='module')
 def cifar_rnn(tmp_path_factory):
     """An original CIFAR-10 SkipNet-38 (RNN gate) as a legacy ``.pth.tar``, its reference outputs and inputs."""
