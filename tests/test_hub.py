@@ -152,3 +152,15 @@ def test_hub_configs_folders_match_the_registered_cfgs(tmp_path):
         assert shipped['pretrained_cfg'] == fresh['pretrained_cfg'], name
         assert shipped['model_args'] == fresh['model_args'], name
         assert os.path.exists(os.path.join(root, name, 'README.md'))
+
+
+def test_a_converted_timm_resnet_round_trips_through_a_hub_folder(tmp_path):
+    model = timm.create_model('skipnet_from_timm', base_model='resnet18d', num_classes=4, gate_type='ff2').eval()
+    randomize_bn(model)
+    randomize_gates(model)
+    folder = export_folder(model, str(tmp_path / 'converted'),
+                           dict(base_model='resnet18d', num_classes=4, gate_type='ff2'))
+    reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    x = torch.randn(3, 3, 64, 64)
+    assert torch.equal(reloaded(x), model(x))
+    assert type(reloaded.gates).__name__ == 'FeedForwardGates'
