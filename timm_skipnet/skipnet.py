@@ -25,7 +25,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch.utils.checkpoint import checkpoint
 
 from .gates import create_gates
-from .policy import POLICIES, decide, hard_decision
+from .policy import POLICIES, decide
 
 __all__ = ['SkipNetResNet', 'SkipNetTrace', 'convert_to_skipnet', 'checkpoint_filter_fn', 'EXECUTION_MODES']
 
@@ -53,14 +53,12 @@ def _shortcut(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x if block.downsample is None else block.downsample(x)
 
 
-def _run_sparse(block: nn.Module, x: torch.Tensor, action: torch.Tensor, reuse_input: bool = False) -> torch.Tensor:
-    """Run ``block`` only on the images with ``action == 1``; the others take the shortcut (and pay only for it).
-
-    ``reuse_input``: ``x`` is a temporary nobody else holds, so an identity block may scatter into it in place
-    (saves one full activation copy per block; only without autograd)."""
+def _run_sparse(block: nn.Module, x: torch.Tensor, run: torch.Tensor, reuse_input: bool = False) -> torch.Tensor:
+    """Run ``block`` only on the images where ``run`` (bool, (B,)) is set; the others take the shortcut and pay
+    only for it. ``reuse_input``: ``x`` is a temporary nobody else holds, so an identity block may scatter into it
+    in place (saves one full activation copy per block; only without autograd)."""
     if x.shape[0] == 1:
-        return block(x) if bool(action[0] > 0.5) else _shortcut(block, x)
-    run = action > 0.5
+        return block(x) if bool(run[0]) else _shortcut(block, x)
     idx_run = run.nonzero().squeeze(1)
     n_run = idx_run.numel()
     if n_run == x.shape[0]:
@@ -216,8 +214,11 @@ class SkipNetResNet(ResNet):
                 else:
                     logits, state = self.gates(k - 1, x, state)
                     if policy == 'greedy' and not with_trace and execution == 'sparse':
-                        # the inference hot path: one comparison per gate, no probabilities or log-probs
-                        x = _run_sparse(block, x, hard_decision(logits), reuse_input=not in_place_unsafe)
+                        # the inference hot path: one comparison per gate (p > 0.5 iff logit > 0), nothing else
+                        if x.shape[0] == 1:
+                            x = block(x) if logits.item() > 0 else _shortcut(block, x)
+                        else:
+                            x = _run_sparse(block, x, logits > 0, reuse_input=not in_place_unsafe)
                         k += 1
                         continue
                     d = decide(logits, policy)
@@ -226,7 +227,7 @@ class SkipNetResNet(ResNet):
                         actions.append(d.action)
                         log_probs.append(d.log_prob)
                     if execution == 'sparse':
-                        x = _run_sparse(block, x, d.action, reuse_input=not in_place_unsafe)
+                        x = _run_sparse(block, x, d.action > 0.5, reuse_input=not in_place_unsafe)
                     else:
                         y = checkpoint(block, x, use_reentrant=False) if use_ckpt else block(x)
                         if policy == 'open':
