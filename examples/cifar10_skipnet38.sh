@@ -29,11 +29,11 @@ fi
 if [[ $stage == sp || $stage == all ]]; then
   # fresh gates near the threshold (p = 0.62, all open) so the straight-through gradient can flip them
   run c10_r38_sp --stage sp --initial-checkpoint "$RUNS/c10_r38_base/model" --reset-gates --gate-init-bias 0.5 \
-      --epochs 5 --lr 0.01 --weight-decay 5e-4 --sched cosine
+      --epochs 3 --lr 0.01 --weight-decay 5e-4 --sched cosine
 fi
 if [[ $stage == rl || $stage == all ]]; then
   for alpha in ${ALPHAS:-0.5 1.0}; do
-    run "c10_r38_rl_a$alpha" --stage rl --initial-checkpoint "$RUNS/c10_r38_sp/model" --epochs 6 --lr 1e-3 \
+    run "c10_r38_rl_a$alpha" --stage rl --initial-checkpoint "$RUNS/c10_r38_sp/model" --epochs 5 --lr 1e-3 \
         --weight-decay 1e-4 --sched cosine --alpha "$alpha" --rl-baseline batch_mean
   done
 fi
