@@ -135,7 +135,8 @@ def main():
         '## Reproduce', '', '```bash',
         'CIFAR10_DIR=../shared/data/cifar10/plain bash examples/cifar10_skipnet38.sh all',
         '.venv/bin/python examples/cifar10_report.py', '```', '',
-        f"Seed {cfg['seed']}; total training wall time {hours:.2f} h (base + sp + this rl run) on a 2-core CPU "
+        f"Seed {cfg['seed']}; training time {hours:.2f} h (sum of the logged intervals of base + sp + this rl run; "
+        f"start-up and evaluation excluded) on a 2-core CPU "
         f'({platform.machine()}), torch {torch.__version__}, no GPU. Data: the 50,000-image train split of '
         f'../shared/data/cifar10/plain (JPEG quality 75 copy of CIFAR-10); results on its 10,000-image test split.',
     ])

@@ -162,3 +162,25 @@ def test_skipnet_from_timm_builds_any_resnet_by_name():
     assert type(model.gates).__name__ == 'FeedForwardGates'
     with pytest.raises(ValueError, match='plain timm ResNet'):
         timm.create_model('skipnet_from_timm', base_model='skipnet_resnet50')
+
+
+def test_in_place_scatter_never_touches_tensors_a_hook_holds():
+    from timm_skipnet.bench import calibrate_gates
+    model = timm.create_model('skipnet_resnet38_cifar').eval()
+    randomize_bn(model)
+    x = torch.randn(8, 3, 32, 32)
+    calibrate_gates(model, x, 0.5)
+    actions = model.forward_with_gates(x).actions
+    assert ((actions.sum(0) > 0) & (actions.sum(0) < 8)).any()  # some block runs for a part of the batch only
+    held = []
+    for block in model.blocks():
+        block.register_forward_hook(lambda m, a, out: held.append((out, out.clone())))
+    with torch.inference_mode():
+        model(x)
+    assert held and all(torch.equal(out, copy) for out, copy in held)
+
+
+def test_feature_wrappers_that_would_bypass_the_gates_are_refused():
+    for cls in ('hook', 'fx'):
+        with pytest.raises(ValueError, match="feature_cls='getter'"):
+            timm.create_model('skipnet_resnet38_cifar', features_only=True, feature_cls=cls)

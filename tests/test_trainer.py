@@ -196,3 +196,30 @@ def test_two_cpu_processes_train_and_see_disjoint_data(cifar10_dir, tmp_path):
         assert json.load(f)['num_images'] == 16  # gathered over both ranks, no duplicates
     rows = _logged(out)
     assert len(rows) == 2 and all(math.isfinite(r['loss']) for r in rows)
+
+
+def test_a_stream_where_nothing_decodes_fails_with_the_columns_to_check(tmp_path, cifar10_dir):
+    import pyarrow.parquet as pq
+    from torchvision import transforms as T
+
+    from timm_skipnet.data import DataSpec, make_loader
+    table = pq.read_table(os.path.join(cifar10_dir, 'test-00000-of-00001.parquet')).slice(0, 100)
+    pq.write_table(table, tmp_path / 'test-00000-of-00001.parquet')
+    spec = DataSpec(str(tmp_path), label_column='img')  # wrong: int(dict) fails for every row
+    with pytest.raises(RuntimeError, match='label-column'):
+        list(make_loader(spec, 'test', T.ToTensor(), 16))
+
+
+def test_checkpoint_rotation_keeps_the_newest_and_never_the_one_just_written(tmp_path):
+    from accelerate import Accelerator
+    acc = Accelerator(cpu=True)
+    acc.prepare(torch.nn.Linear(2, 2))
+    for step in (900, 1000):  # leftovers of an older, longer run in the same output dir
+        save_checkpoint(acc, str(tmp_path), dict(global_step=step, stage='sp'))
+    for step in (10, 20, 30):
+        latest = save_checkpoint(acc, str(tmp_path), dict(global_step=step, stage='sp'), keep=2)
+    kept = sorted(os.listdir(tmp_path / 'checkpoints'))
+    assert 'step_0000030' in kept and 'step_0000020' in kept and 'step_0000010' not in kept
+    assert resolve_checkpoint(str(tmp_path)) == latest
+    again = save_checkpoint(acc, str(tmp_path), dict(global_step=30, stage='sp'), keep=2)  # re-save one step
+    assert again == latest and os.path.exists(os.path.join(again, 'trainer_state.json'))

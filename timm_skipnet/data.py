@@ -132,15 +132,24 @@ class ImageStream(torch.utils.data.IterableDataset):
         self.image_column, self.label_column = image_column, label_column
 
     def __iter__(self) -> Iterator[Optional[Tuple[torch.Tensor, int]]]:
+        good = bad = 0
         for i, row in enumerate(self.ds):
             if self.limit is not None and i >= self.limit:
                 return
             if i < self.skip:
                 continue
             try:
-                yield self.transform(decode_image(row[self.image_column])), int(row[self.label_column])
-            except Exception:  # noqa: BLE001 -- any undecodable image is skipped and counted, never fatal
+                sample = self.transform(decode_image(row[self.image_column])), int(row[self.label_column])
+            except Exception as e:  # noqa: BLE001 -- an undecodable image is skipped and counted, never fatal
+                bad += 1
+                if good == 0 and bad >= 64:  # nothing decodes: a wrong column or split, not a few corrupt files
+                    raise RuntimeError(f"The first {bad} samples all failed ({type(e).__name__}: {e}): check "
+                                       f"--image-column '{self.image_column}' / --label-column "
+                                       f"'{self.label_column}' and the split.") from e
                 yield None
+                continue
+            good += 1
+            yield sample
 
 
 def collate_skipping_bad(batch):

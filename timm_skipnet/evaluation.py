@@ -8,9 +8,10 @@ from .accounting import MacTable
 
 @torch.no_grad()
 def collect(model, loader, accelerator=None, max_batches: Optional[int] = None, progress: bool = False) -> Dict:
-    """Run ``model`` (greedy gates, sparse execution) over ``loader``; return per-image tensors (gathered)."""
+    """Run ``model`` (greedy gates, sparse execution) over this process's ``loader``; per-image tensors of all
+    processes, gathered once at the end (processes may hold different numbers of images and batches)."""
     from tqdm.auto import tqdm
-    net = accelerator.unwrap_model(model) if accelerator is not None else model
+    net = accelerator.unwrap_model(model, keep_fp32_wrapper=False) if accelerator is not None else model
     was_training = net.training
     net.eval()
     device = next(net.parameters()).device
@@ -22,25 +23,34 @@ def collect(model, loader, accelerator=None, max_batches: Optional[int] = None, 
         n_bad += bad
         if x is None:
             continue
-        x, y = x.to(device), y.to(device)
-        trace = net(x, return_trace=True)
-        p, a, pr = trace.logits.argmax(1), trace.actions, trace.probs
-        if accelerator is not None:
-            p, y, a, pr = accelerator.gather_for_metrics((p, y, a, pr))
-        preds.append(p.cpu())
-        labels.append(y.cpu())
-        actions.append(a.cpu())
-        probs.append(pr.cpu())
+        trace = net(x.to(device), return_trace=True)
+        preds.append(trace.logits.argmax(1).cpu())
+        labels.append(y)
+        actions.append(trace.actions.cpu())
+        probs.append(trace.probs.cpu())
     net.train(was_training)
-    if accelerator is not None:
-        n_bad = int(accelerator.reduce(torch.tensor(n_bad, device=device), reduction='sum').item())
-    return dict(preds=torch.cat(preds), labels=torch.cat(labels), actions=torch.cat(actions),
-                probs=torch.cat(probs), num_bad_images=n_bad)
+    k = net.num_gated_blocks
+    local = dict(preds=_cat(preds, (0,), torch.long), labels=_cat(labels, (0,), torch.long),
+                 actions=_cat(actions, (0, k), torch.float32), probs=_cat(probs, (0, k), torch.float32),
+                 num_bad_images=n_bad)
+    if accelerator is None or accelerator.num_processes == 1:
+        return local
+    from accelerate.utils import gather_object
+    parts = gather_object([local])
+    return dict(**{key: torch.cat([p[key] for p in parts]) for key in ('preds', 'labels', 'actions', 'probs')},
+                num_bad_images=sum(p['num_bad_images'] for p in parts))
+
+
+def _cat(tensors, empty_shape, dtype) -> torch.Tensor:
+    return torch.cat(tensors) if tensors else torch.zeros(empty_shape, dtype=dtype)
 
 
 def summarize(results: Dict, table: MacTable) -> Dict:
     """JSON-ready report: accuracy, MACs distribution, reduction, the paper's CP, per-gate execution rates."""
     actions = results['actions']
+    if actions.shape[0] == 0:
+        raise RuntimeError(f"No image could be evaluated ({results.get('num_bad_images', 0)} undecodable): check the "
+                           f"dataset path, split and column names.")
     correct = (results['preds'] == results['labels']).float()
     macs = table.per_image_macs(actions)
     executed = (1 + actions.sum(1)).long()

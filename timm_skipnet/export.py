@@ -16,6 +16,8 @@ def export_folder(model, folder: str, model_args: Dict[str, Any], eval_summary: 
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     model_config = {'skipnet_version': __version__}
+    if 'base_model' in model_args:  # skipnet_from_timm: the folder's weights are complete, never fetch the base
+        model_args = dict(model_args, base_pretrained=False)
     save_for_hf(model, tmp, model_config=model_config, model_args=dict(model_args), safe_serialization=True)
     if eval_summary is not None:
         with open(os.path.join(tmp, 'eval_results.json'), 'w') as f:

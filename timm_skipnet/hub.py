@@ -54,7 +54,7 @@ def export_run(run_or_checkpoint: str, folder: str, repo_id: Optional[str] = Non
     load_weights(model, files['weights'])
     eval_path = eval_json or files['eval']
     summary = _read_json(eval_path) if eval_path else None
-    dataset = (train_config or {}).get('dataset') or (summary or {}).get('dataset')
+    dataset = (summary or {}).get('dataset') or (train_config or {}).get('dataset')
     return export_folder(model.eval(), folder, model_args, eval_summary=summary, train_config=train_config,
                          repo_id=repo_id, dataset=dataset, card_extra=card_extra)
 
@@ -76,6 +76,7 @@ def check_folder(folder: str) -> Dict:
     if extra:
         raise ValueError(f'config.json pretrained_cfg has non-timm keys {sorted(extra)}; timm would refuse it. '
                          f'Move architecture arguments to model_args.')
+    timm.create_model(f'local-dir:{os.path.abspath(folder)}', pretrained=True)  # weights and config agree
     return config
 
 

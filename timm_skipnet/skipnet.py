@@ -179,6 +179,13 @@ class SkipNetResNet(ResNet):
                 raise RuntimeError("The straight-through gradient needs every block's output: use execution='dense'.")
         return policy, execution
 
+    def _has_forward_hooks(self) -> bool:
+        """A forward hook may keep a block's output, which the in-place scatter would later overwrite."""
+        from torch.nn.modules import module as torch_module
+        if torch_module._global_forward_hooks:
+            return True
+        return any(m._forward_hooks for name in self.stage_names for m in getattr(self, name).modules())
+
     # ---- forward -------------------------------------------------------------------------------------------------
     def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         return self.act1(self.bn1(self.conv1(x)))
@@ -197,7 +204,7 @@ class SkipNetResNet(ResNet):
         use_ckpt = self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
         # every gated block's input is a temporary of this loop (block 0 always runs): scattering into it in place
         # is safe without autograd unless a tap (forward_intermediates) holds it
-        in_place_unsafe = torch.is_grad_enabled() or take_indices is not None
+        in_place_unsafe = torch.is_grad_enabled() or take_indices is not None or self._has_forward_hooks()
         taps: List[torch.Tensor] = []
         x = self._forward_stem(x)
         if take_indices is not None and 0 in take_indices:
@@ -361,7 +368,14 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SkipNetResN
     return state_dict
 
 
+def _check_feature_cls(kwargs: Dict[str, Any]) -> None:
+    if kwargs.get('features_only') and kwargs.get('feature_cls') in ('hook', 'fx', 'list', 'dict'):
+        raise ValueError(f"feature_cls={kwargs['feature_cls']!r} runs the stages without their gates (the gate state "
+                         "crosses stage boundaries); SkipNet features use feature_cls='getter' (the default).")
+
+
 def _create_skipnet(variant: str, pretrained: bool = False, **kwargs) -> SkipNetResNet:
+    _check_feature_cls(kwargs)
     n_taps = 1 + len(kwargs['layers'])
     return build_model_with_cfg(
         SkipNetResNet, variant, pretrained,
@@ -508,6 +522,7 @@ def skipnet_from_timm(pretrained: bool = False, **kwargs) -> SkipNetResNet:
     Lets converted models round-trip through ``save_for_hf`` / ``local-dir:`` / ``hf-hub:``: the config records
     ``base_model`` and the gate arguments. ``base_pretrained=True`` starts from timm's weights for the base.
     """
+    _check_feature_cls(kwargs)
     return build_model_with_cfg(
         _ConvertedResNet, 'skipnet_from_timm', pretrained, pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(feature_cls='getter', out_indices=tuple(range(5))), **kwargs)

@@ -171,15 +171,18 @@ def save_checkpoint(accelerator, output: str, state: Dict[str, Any], keep: int =
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()  # every rank's RNG file is in tmp before it is renamed
     if accelerator.is_main_process:
         with open(os.path.join(tmp, 'trainer_state.json'), 'w') as f:
             json.dump(state, f, indent=2)
-        if os.path.exists(final):
-            shutil.rmtree(final)
+        if os.path.exists(final):  # re-saving a step: keep the old copy until the new one is in place
+            os.replace(final, final + '.old')
         os.replace(tmp, final)
         _atomic_write_text(os.path.join(root, 'latest'), os.path.basename(final))
-        steps = sorted(d for d in os.listdir(root) if d.startswith('step_') and not d.endswith('.tmp'))
-        for old in steps[:-keep]:
+        shutil.rmtree(final + '.old', ignore_errors=True)
+        older = sorted(d for d in os.listdir(root) if d.startswith('step_') and d[5:].isdigit()
+                       and int(d[5:]) < state['global_step'])
+        for old in older[:max(0, len(older) - (keep - 1))]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
@@ -246,7 +249,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         raise ValueError(f"--stage must be one of {list(STAGE_POLICY)}, got {cfg.stage!r}.")
     accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.amp, gradient_accumulation_steps=cfg.grad_accum_steps,
                               log_with=cfg.log_with or None, project_dir=cfg.output)
-    set_seed(cfg.seed)
+    set_seed(cfg.seed, device_specific=True)  # rank r uses seed + r: independent crops and gate samples
     os.makedirs(cfg.output, exist_ok=True)
     log = _Logger(cfg.output, accelerator)
 
@@ -315,9 +318,10 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     while global_step < total_steps:
         epoch, start = divmod(global_step, steps_per_epoch)
         per_batch = cfg.batch_size * cfg.grad_accum_steps
+        # DataLoader workers each read their own shards: resuming mid-epoch reads in one process to keep the order
         loader = make_loader(spec, spec.train_split, train_tf, cfg.batch_size, rank=accelerator.process_index,
                              world_size=world, shuffle=True, seed=cfg.seed, epoch=epoch, skip=start * per_batch,
-                             shuffle_buffer=cfg.shuffle_buffer, workers=cfg.workers)
+                             shuffle_buffer=cfg.shuffle_buffer, workers=0 if start else cfg.workers)
         batches = iter(loader)
         for _ in range(start, steps_per_epoch):
             if global_step >= total_steps:
@@ -326,11 +330,16 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                 scheduler.step_update(global_step)
             for _micro in range(cfg.grad_accum_steps):
                 x, y, n_bad = next(batches, (None, None, -1))
-                if n_bad < 0:
-                    break  # stream ended early (bad images skipped): the epoch is over
+                # every rank takes the same branch, or DDP's all-reduce would wait forever
+                ended, empty = _any_rank(accelerator, n_bad < 0), _any_rank(accelerator, x is None)
+                if ended:
+                    raise RuntimeError(
+                        f'The training stream of rank {accelerator.process_index} ended before update {global_step} '
+                        f'of epoch {epoch} ({steps_per_epoch} updates per epoch from --train-num-samples '
+                        f'{spec.train_num_samples}): lower --train-num-samples to the real split size.')
                 bad_images += n_bad
-                if x is None:
-                    continue
+                if empty:
+                    continue  # a micro-batch of only undecodable images on some rank: all ranks skip it
                 x, y = x.to(accelerator.device), y.to(accelerator.device)
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
@@ -371,6 +380,13 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     accelerator.end_training()
     summary['checkpoint'] = ckpt
     return summary
+
+
+def _any_rank(accelerator, flag: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction='sum').item() > 0)
 
 
 def _per_rank(n: Optional[int], world: int) -> Optional[int]:
