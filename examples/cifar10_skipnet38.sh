@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# The published SkipNet-38 / CIFAR-10 recipe: base (= the ResNet-38 baseline) -> sp -> rl at two alphas.
+# The published SkipNet-38 / CIFAR-10 recipe:
+#   base     50 epochs, gates open            -> the ResNet-38 backbone
+#   base_ft  +10 epochs, gates open           -> the same-budget ResNet-38 baseline (what SkipNet is compared with)
+#   rl_a*    +10 epochs of hybrid RL per alpha, fresh gates at p = 0.5 so the backbone learns to run with blocks
+#            missing while the policy learns which ones it can drop
+#   sp       (optional, not in "all") straight-through sp from base; it keeps every gate open (see the README)
 # Every stage checkpoints each epoch and this script resumes where it stopped: re-run it after an interruption.
-#   CIFAR10_DIR=../shared/data/cifar10/plain bash examples/cifar10_skipnet38.sh [base|sp|rl|all]
+#   CIFAR10_DIR=../shared/data/cifar10/plain bash examples/cifar10_skipnet38.sh [base|base_ft|rl|sp|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${CIFAR10_DIR:-../shared/data/cifar10/plain}
 RUNS=${RUNS:-runs}
 PY=${PYTHON:-.venv/bin/python}
 COMMON=(--model skipnet_resnet38_cifar --dataset "$DATA" --batch-size 128 --checkpoint-every 390 --log-every 50 --seed 0)
+FINETUNE=(--initial-checkpoint "$RUNS/c10_r38_base/model" --epochs 10 --lr 0.01 --weight-decay 1e-4 --sched cosine)
 
 run() {  # run <name> <args...>: skip when finished, resume when a checkpoint exists
   local name=$1; shift
@@ -26,14 +32,16 @@ if [[ $stage == base || $stage == all ]]; then
   run c10_r38_base --stage base --epochs 50 --lr 0.1 --weight-decay 5e-4 --sched cosine --warmup-epochs 1 \
       --eval-every-epochs 10
 fi
-if [[ $stage == sp || $stage == all ]]; then
-  # fresh gates near the threshold (p = 0.62, all open) so the straight-through gradient can flip them
+if [[ $stage == rl || $stage == all ]]; then
+  for alpha in ${ALPHAS:-2.0 4.0}; do
+    run "c10_r38_rl_a$alpha" --stage rl "${FINETUNE[@]}" --reset-gates --gate-init-bias 0 \
+        --alpha "$alpha" --rl-baseline batch_mean --eval-every-epochs 5
+  done
+fi
+if [[ $stage == base_ft || $stage == all ]]; then
+  run c10_r38_base_ft --stage base "${FINETUNE[@]}"
+fi
+if [[ $stage == sp ]]; then
   run c10_r38_sp --stage sp --initial-checkpoint "$RUNS/c10_r38_base/model" --reset-gates --gate-init-bias 0.5 \
       --epochs 3 --lr 0.01 --weight-decay 5e-4 --sched cosine
-fi
-if [[ $stage == rl || $stage == all ]]; then
-  for alpha in ${ALPHAS:-0.5 1.0}; do
-    run "c10_r38_rl_a$alpha" --stage rl --initial-checkpoint "$RUNS/c10_r38_sp/model" --epochs 5 --lr 1e-3 \
-        --weight-decay 1e-4 --sched cosine --alpha "$alpha" --rl-baseline batch_mean
-  done
 fi

@@ -23,7 +23,9 @@ def main() -> None:
     stages = [
         ('base', dict(stage='base', epochs=args.base_epochs, lr=0.1, weight_decay=5e-4, warmup_epochs=0.2)),
         ('sp', dict(stage='sp', epochs=1, lr=0.01, weight_decay=5e-4, reset_gates=True, gate_init_bias=0.5)),
-        ('rl', dict(stage='rl', epochs=1, lr=1e-3, alpha=0.5, rl_baseline='batch_mean')),
+        # as in the full recipe: fresh gates at p = 0.5, so the backbone learns to run with blocks missing
+        ('rl', dict(stage='rl', epochs=1, lr=0.01, weight_decay=1e-4, alpha=2.0, rl_baseline='batch_mean',
+                    reset_gates=True, gate_init_bias=0.0)),
     ]
     results, previous = [], None
     for name, kw in stages:
