@@ -33,7 +33,7 @@ if [[ $stage == base || $stage == all ]]; then
       --eval-every-epochs 10
 fi
 if [[ $stage == rl || $stage == all ]]; then
-  for alpha in ${ALPHAS:-2.0 4.0}; do
+  for alpha in ${ALPHAS:-0.5 1.0 2.0}; do
     run "c10_r38_rl_a$alpha" --stage rl "${FINETUNE[@]}" --reset-gates --gate-init-bias 0 \
         --alpha "$alpha" --rl-baseline batch_mean --eval-every-epochs 5
   done
