@@ -33,10 +33,13 @@ if [[ $stage == base || $stage == all ]]; then
       --eval-every-epochs 10
 fi
 if [[ $stage == rl || $stage == all ]]; then
-  for alpha in ${ALPHAS:-0.5 1.0 2.0}; do
-    run "c10_r38_rl_a$alpha" --stage rl "${FINETUNE[@]}" --reset-gates --gate-init-bias 0 \
-        --alpha "$alpha" --rl-baseline batch_mean --eval-every-epochs 5
+  RL=(--stage rl "${FINETUNE[@]}" --reset-gates --gate-init-bias 0 --rl-baseline batch_mean --eval-every-epochs 5)
+  # rl warm-up: the first epochs keep every gate at p = 0.5 (REINFORCE off), so the backbone learns to run with
+  # random blocks missing before the policy learns which ones to drop; without it small alphas collapse to "run all"
+  for alpha in ${ALPHAS:-1.0 0.5}; do
+    run "c10_r38_rl_a${alpha}_w3" "${RL[@]}" --alpha "$alpha" --rl-warmup-epochs 3
   done
+  run c10_r38_rl_a2.0 "${RL[@]}" --alpha 2.0   # no warm-up needed at this alpha
 fi
 if [[ $stage == base_ft || $stage == all ]]; then
   run c10_r38_base_ft --stage base "${FINETUNE[@]}"

@@ -56,6 +56,22 @@ def test_base_stage_leaves_the_gates_untouched(cifar10_dir, tmp_path):
     assert gate_keys and all(torch.equal(trained[k], fresh[k]) for k in gate_keys)
 
 
+def test_rl_warmup_keeps_the_gates_fixed_while_the_backbone_trains(cifar10_dir, tmp_path):
+    train(_cfg(cifar10_dir, tmp_path / 'base', stage='base', steps=1))
+    start = load_file(str(tmp_path / 'base' / 'model' / 'model.safetensors'))
+    rl = dict(stage='rl', steps=4, weight_decay=0.0, alpha=5.0, initial_checkpoint=str(tmp_path / 'base' / 'model'))
+    results = {}
+    for name, warmup in (('warm', 0.5), ('cold', 0.0)):  # 8 updates per epoch: warm-up covers all 4 updates
+        AcceleratorState._reset_state(True)
+        train(_cfg(cifar10_dir, tmp_path / name, rl_warmup_epochs=warmup, **rl))
+        results[name] = load_file(str(tmp_path / name / 'model' / 'model.safetensors'))
+    gates = [k for k in start if k.startswith('gates.') and start[k].is_floating_point()]
+    backbone = [k for k in start if k.startswith('layer') and k.endswith('conv1.weight')]
+    assert all(torch.equal(results['warm'][k], start[k]) for k in gates)
+    assert not all(torch.equal(results['warm'][k], start[k]) for k in backbone)
+    assert not all(torch.equal(results['cold'][k], start[k]) for k in gates)
+
+
 def test_rl_stage_loss_equals_a_hand_computation(cifar10_dir):
     from tests.helpers import randomize_gates
     model = timm.create_model('skipnet_resnet38_cifar').train()

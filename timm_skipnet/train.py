@@ -57,6 +57,9 @@ class TrainConfig:
     gamma: float = field(default=1.0, metadata=dict(help='reward discount gamma'))
     rl_weight: float = field(default=0.01, metadata=dict(help='weight of the REINFORCE term'))
     rl_baseline: str = field(default='none', metadata=dict(help="none | batch_mean (variance reduction)"))
+    rl_warmup_epochs: float = field(default=0.0, metadata=dict(
+        help='rl: epochs with the REINFORCE term off at the start; the gates keep their initial p (0.5 with '
+             '--gate-init-bias 0) while the backbone learns to run with random blocks missing'))
     # optimisation (timm train.py names)
     epochs: int = 10
     steps: Optional[int] = field(default=None, metadata=dict(help='optimizer updates in total (overrides epochs)'))
@@ -217,8 +220,9 @@ def build_scheduler(cfg: TrainConfig, optimizer, total_steps: int, steps_per_epo
 
 
 # ---- loss ----------------------------------------------------------------------------------------------------------
-def stage_loss(model, x, y, cfg: TrainConfig, ce_fn) -> Dict[str, torch.Tensor]:
-    """The objective of ``cfg.stage``; returns the loss and what to log."""
+def stage_loss(model, x, y, cfg: TrainConfig, ce_fn, rl_weight: Optional[float] = None) -> Dict[str, torch.Tensor]:
+    """The objective of ``cfg.stage``; returns the loss and what to log. ``rl_weight`` overrides ``cfg.rl_weight``
+    (0 during ``--rl-warmup-epochs``)."""
     from .rewards import hybrid_rl_loss
     if cfg.stage == 'base':
         logits = model(x, gate_policy='open')
@@ -228,8 +232,9 @@ def stage_loss(model, x, y, cfg: TrainConfig, ce_fn) -> Dict[str, torch.Tensor]:
     if cfg.stage == 'sp':
         loss = ce_fn(trace.logits, y).mean()
         return dict(loss=loss, ce=loss.detach(), exec_rate=trace.actions.mean())
+    rl_weight = cfg.rl_weight if rl_weight is None else rl_weight
     loss, ce, rl = hybrid_rl_loss(trace.logits, y, trace.actions, trace.log_probs, alpha=cfg.alpha, beta=cfg.beta,
-                                  gamma=cfg.gamma, rl_weight=cfg.rl_weight, baseline=cfg.rl_baseline, ce_fn=ce_fn)
+                                  gamma=cfg.gamma, rl_weight=rl_weight, baseline=cfg.rl_baseline, ce_fn=ce_fn)
     return dict(loss=loss, ce=ce.detach(), rl=rl.detach(), exec_rate=trace.actions.mean())
 
 
@@ -273,6 +278,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     if steps_per_epoch < 1:
         raise ValueError('train_num_samples is smaller than one global batch: lower --batch-size.')
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
+    rl_warmup_steps = int(round(cfg.rl_warmup_epochs * steps_per_epoch))
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                     momentum=cfg.momentum)
     scheduler = build_scheduler(cfg, optimizer, total_steps, steps_per_epoch)
@@ -343,7 +349,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                 x, y = x.to(accelerator.device), y.to(accelerator.device)
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
-                        out = stage_loss(model, x, y, cfg, ce_fn)
+                        out = stage_loss(model, x, y, cfg, ce_fn,
+                                         rl_weight=0.0 if global_step < rl_warmup_steps else cfg.rl_weight)
                     accelerator.backward(out['loss'])
                     if accelerator.sync_gradients and cfg.clip_grad:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
