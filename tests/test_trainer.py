@@ -72,6 +72,31 @@ def test_rl_warmup_keeps_the_gates_fixed_while_the_backbone_trains(cifar10_dir, 
     assert not all(torch.equal(results['cold'][k], start[k]) for k in gates)
 
 
+def test_ft_stage_trains_only_the_blocks_the_frozen_policy_runs(cifar10_dir, tmp_path):
+    """ft after rl: gates (incl. the BatchNorm of ff gates) stay bit-identical; a block the greedy policy always
+    skips gets no update, a block it runs does."""
+    from safetensors.torch import save_file
+    model = timm.create_model('skipnet_resnet38_cifar', num_classes=10, gate_type='ff1')
+    gates = model.gates.gates
+    with torch.no_grad():
+        for k, g in enumerate(gates):
+            g.fc.bias.fill_(-8.0 if k % 2 == 0 else 8.0)  # even gates: always skip; odd gates: always run
+    start_dir = tmp_path / 'start'
+    start_dir.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(start_dir / 'model.safetensors'))
+    start = load_file(str(start_dir / 'model.safetensors'))
+    train(_cfg(cifar10_dir, tmp_path / 'ft', stage='ft', steps=3, weight_decay=0.0, gate_type='ff1',
+               initial_checkpoint=str(start_dir / 'model.safetensors')))
+    tuned = load_file(str(tmp_path / 'ft' / 'model' / 'model.safetensors'))
+    gate_keys = [k for k in start if k.startswith('gates.')]
+    assert any('running_mean' in k for k in gate_keys)
+    assert all(torch.equal(tuned[k], start[k]) for k in gate_keys)
+    blocks = [f'{stage}.{i}' for stage in ('layer1', 'layer2', 'layer3') for i in range(6)]
+    for k, block in enumerate(blocks[1:]):  # block 0 is never gated
+        w = f'{block}.conv1.weight'
+        assert torch.equal(tuned[w], start[w]) == (k % 2 == 0), block
+
+
 def test_rl_stage_loss_equals_a_hand_computation(cifar10_dir):
     from tests.helpers import randomize_gates
     model = timm.create_model('skipnet_resnet38_cifar').train()

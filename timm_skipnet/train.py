@@ -8,6 +8,8 @@ Stages (skipnet-reference.md section 3):
   base  all gates open, cross-entropy: trains the backbone and is the same-recipe ResNet baseline.
   sp    hard gates with straight-through gradients, cross-entropy only.
   rl    gates sampled from Bernoulli(p); loss = mean CE + rl_weight * sum_{b,k} -log pi(a_bk) * G_bk.
+  ft    (after rl; not in the paper) the learned greedy policy, frozen; cross-entropy trains the backbone for the
+        blocks each image really runs, so the network stops paying for the randomness rl sampled.
 """
 import argparse
 import dataclasses
@@ -22,7 +24,8 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 
-STAGE_POLICY = {'base': 'open', 'sp': 'straight_through', 'rl': 'sample'}
+STAGE_POLICY = {'base': 'open', 'sp': 'straight_through', 'rl': 'sample', 'ft': 'greedy'}
+FROZEN_GATE_STAGES = ('base', 'ft')
 
 
 @dataclass
@@ -51,7 +54,7 @@ class TrainConfig:
     shuffle_buffer: int = 10_000
     workers: int = field(default=0, metadata=dict(help='DataLoader workers (0: decode in the main process)'))
     # stage and SkipNet objective
-    stage: str = field(default='base', metadata=dict(help='base | sp | rl'))
+    stage: str = field(default='base', metadata=dict(help='base | sp | rl | ft (frozen greedy gates)'))
     alpha: float = field(default=0.1, metadata=dict(help='skip reward alpha (paper: 0.1 on CIFAR)'))
     beta: float = field(default=1.0, metadata=dict(help='weight beta of -CE in the return (paper: 1 on CIFAR)'))
     gamma: float = field(default=1.0, metadata=dict(help='reward discount gamma'))
@@ -229,7 +232,7 @@ def stage_loss(model, x, y, cfg: TrainConfig, ce_fn, rl_weight: Optional[float] 
         loss = ce_fn(logits, y).mean()
         return dict(loss=loss, ce=loss.detach(), exec_rate=torch.ones((), device=x.device))
     trace = model(x, gate_policy=STAGE_POLICY[cfg.stage], return_trace=True)
-    if cfg.stage == 'sp':
+    if cfg.stage in ('sp', 'ft'):
         loss = ce_fn(trace.logits, y).mean()
         return dict(loss=loss, ce=loss.detach(), exec_rate=trace.actions.mean())
     rl_weight = cfg.rl_weight if rl_weight is None else rl_weight
@@ -267,8 +270,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         raise ValueError(f'A stream has no length: pass --train-num-samples for {cfg.dataset}.')
     model, arch, model_args = build_model(cfg, spec.num_classes)
     model.set_execution('dense')  # training always runs every block (STE needs it; BN sees the whole batch)
-    if cfg.stage == 'base':
-        model.gates.requires_grad_(False)  # base trains the backbone only; also keeps DDP free of unused params
+    if cfg.stage in FROZEN_GATE_STAGES:
+        model.gates.requires_grad_(False)  # the backbone only; also keeps DDP free of unused params
     mac_table = measure_mac_table(model)
     train_tf, eval_tf = build_transforms(model, True), build_transforms(model, False)
 
@@ -317,8 +320,13 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                         step=global_step)
         return summary
 
+    def train_mode() -> None:
+        model.train()
+        if cfg.stage in FROZEN_GATE_STAGES:
+            accelerator.unwrap_model(model).gates.eval()  # frozen gates: their BatchNorm (ff gates) must not drift
+
     # the loop
-    model.train()
+    train_mode()
     bar = tqdm(total=total_steps, initial=global_step, desc=cfg.stage, disable=not accelerator.is_local_main_process)
     samples, bad_images, t0, window = 0, 0, time.perf_counter(), []
     while global_step < total_steps:
@@ -373,7 +381,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                 save()
         if cfg.eval_every_epochs and (epoch + 1) % cfg.eval_every_epochs == 0 and global_step < total_steps:
             evaluate(f'{cfg.stage}_epoch{epoch + 1}')
-            model.train()
+            train_mode()
     bar.close()
     if bad_images:
         log.info(f'{bad_images} undecodable training images were skipped')
