@@ -3,9 +3,10 @@ MACs against the baseline and the paper, and measure the CPU wall-clock speed-up
 
     .venv/bin/python examples/cifar10_report.py --runs runs --data ../shared/data/cifar10/plain
 
-Baseline: ``c10_r38_base_ft`` (50 + 10 epochs with gates open), the same training budget as every rl run (50 base
-epochs + 10 rl epochs); the 50-epoch ``c10_r38_base`` is shown too.
-Selection rule: among the rl runs within 0.5 top-1 points of the baseline at >= 30 % fewer MACs, the one with the
+Runs come in families (FAMILIES): a backbone, its same-budget baseline (gates open) and the SkipNet runs trained
+from it. A SkipNet run is compared with its family's baseline only when the baseline trained at least as many
+epochs (counted over the ``--initial-checkpoint`` chain).
+Selection rule: among the runs within 0.5 top-1 points of their baseline at >= 30 % fewer MACs, the one with the
 fewest MACs; if none qualifies, the most accurate run with >= 30 % fewer MACs (and the card says the target was
 missed).
 """
@@ -28,6 +29,12 @@ REPO = f'timm-skipnet/{TAG}'
 # paper Fig. 6c / skipnet-reference.md 5.4 (SkipNet HRL points on CIFAR-10, MACs x1e8, top-1 %), and Table 2 R-38
 PAPER_POINTS = [(0.60, 92.75), (0.79, 93.05), (1.26, 93.30), (1.44, 93.68)]
 PAPER_R38 = (0.833, 92.50)
+# backbone run, its same-budget baseline (gates open), and the SkipNet runs trained from the backbone
+FAMILIES = [
+    dict(backbone='c10_r38_base', baseline='c10_r38_base_ft', skipnets=['c10_r38_rl_a*', 'c10_r38_ft_a*']),
+    dict(backbone='c10_r38_long', baseline='c10_r38_long_base_ft',
+         skipnets=['c10_r38_long_rl_a*', 'c10_r38_long_ft_a*']),
+]
 
 
 def _load(path):
@@ -82,6 +89,34 @@ def plot(points, path):
     return path
 
 
+def _config(run_dir: str) -> dict:
+    ckpt = os.path.join(run_dir, 'checkpoints')
+    return _load(os.path.join(ckpt, open(os.path.join(ckpt, 'latest')).read().strip(), 'trainer_state.json'))['config']
+
+
+def _chain(run_dir: str):
+    """The run and every run it was started from (``--initial-checkpoint <run>/model``), newest first."""
+    chain = [run_dir]
+    parent = _config(run_dir)['initial_checkpoint']
+    while parent:
+        run = os.path.dirname(os.path.normpath(parent)) if os.path.basename(os.path.normpath(parent)) == 'model' \
+            else parent
+        chain.append(run)
+        parent = _config(run)['initial_checkpoint']
+    return chain
+
+
+def _epochs(run_dir: str) -> int:
+    """Training budget in epochs, counted over the whole chain of runs."""
+    return sum(_config(r)['epochs'] for r in _chain(run_dir))
+
+
+def _eval(run_dir: str):
+    files = glob.glob(os.path.join(run_dir, 'eval_*.json'))
+    final = [f for f in files if '_epoch' not in f and not f.endswith('eval_published.json')]
+    return _load(final[0]) if len(final) == 1 else None
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--runs', default='runs')
@@ -89,19 +124,33 @@ def main():
     p.add_argument('--out', default=f'hub_configs/{TAG}')
     p.add_argument('--assets', default='docs')
     args = p.parse_args()
-    base50 = _load(os.path.join(args.runs, 'c10_r38_base', 'eval_base.json'))
-    base_run = 'c10_r38_base_ft' if os.path.exists(os.path.join(args.runs, 'c10_r38_base_ft', 'eval_base.json')) \
-        else 'c10_r38_base'
-    base = _load(os.path.join(args.runs, base_run, 'eval_base.json'))
-    sp_path = os.path.join(args.runs, 'c10_r38_sp', 'eval_sp.json')
-    rl = {os.path.basename(os.path.dirname(f)): _load(f)
-          for f in sorted(glob.glob(os.path.join(args.runs, 'c10_r38_rl_a*', 'eval_rl.json')))}
-    if not rl:
-        raise SystemExit('No finished rl run yet: run examples/cifar10_skipnet38.sh until an rl stage ends.')
-    ok = {k: v for k, v in rl.items() if v['top1'] >= base['top1'] - 0.5 and v['macs_reduction_pct'] >= 30}
-    skipping = {k: v for k, v in rl.items() if v['macs_reduction_pct'] >= 30} or rl
-    chosen = min(ok, key=lambda k: ok[k]['macs_mean']) if ok else max(skipping, key=lambda k: skipping[k]['top1'])
+    runs = {}  # name -> (eval summary, epochs)
+    for family in FAMILIES:
+        for name in [family['backbone'], family['baseline']] + sorted(
+                os.path.basename(d) for g in family['skipnets'] for d in glob.glob(os.path.join(args.runs, g))):
+            run_dir = os.path.join(args.runs, name)
+            summary = _eval(run_dir) if os.path.isdir(run_dir) else None
+            if summary is not None:
+                runs[name] = dict(summary=summary, epochs=_epochs(run_dir), family=family)
+    candidates = {}
+    for name, r in runs.items():
+        family = r['family']
+        if name in (family['backbone'], family['baseline']) or family['baseline'] not in runs:
+            continue
+        baseline = runs[family['baseline']]
+        if r['epochs'] <= baseline['epochs']:  # never compare with a baseline trained for less
+            candidates[name] = dict(r, baseline=family['baseline'],
+                                    gap=baseline['summary']['top1'] - r['summary']['top1'])
+    if not candidates:
+        raise SystemExit('No finished SkipNet run with a finished same-budget baseline yet: run '
+                         'examples/cifar10_skipnet38.sh until an rl stage and its baseline end.')
+    ok = {k: v for k, v in candidates.items() if v['gap'] <= 0.5 and v['summary']['macs_reduction_pct'] >= 30}
+    skipping = {k: v for k, v in candidates.items() if v['summary']['macs_reduction_pct'] >= 30} or candidates
+    chosen = min(ok, key=lambda k: ok[k]['summary']['macs_mean']) if ok else \
+        max(skipping, key=lambda k: skipping[k]['summary']['top1'])
     run_dir = os.path.join(args.runs, chosen)
+    base_run = candidates[chosen]['baseline']
+    base = runs[base_run]['summary']
 
     model = timm.create_model(f'local-dir:{os.path.abspath(run_dir)}/model', pretrained=True).eval()
     baseline = timm.create_model(f'local-dir:{os.path.abspath(args.runs)}/{base_run}/model', pretrained=True).eval()
@@ -112,52 +161,59 @@ def main():
         speed[bs] = (_throughput(model, batches, bs, n), _throughput(baseline, batches, bs, n))
     first_1000 = _first_n_top1(model, batches, 1000)
 
-    points = {'ResNet-38, 50 epochs': (base50['macs_full'], base50['top1'])}
-    if base_run != 'c10_r38_base':
-        points['ResNet-38, 50+10 epochs (baseline)'] = (base['macs_full'], base['top1'])
-    if os.path.exists(sp_path):
-        sp = _load(sp_path)
-        points['sp'] = (sp['macs_mean'], sp['top1'])
-    for k, v in rl.items():
-        points[k.replace('c10_r38_', '')] = (v['macs_mean'], v['top1'])
+    points = {}
+    for name, r in runs.items():
+        s_ = r['summary']
+        gates_open = name in (r['family']['backbone'], r['family']['baseline'])
+        label = (f"ResNet-38, {r['epochs']} epochs" + (' (baseline)' if name == r['family']['baseline'] else '')
+                 if gates_open else f"{name.replace('c10_r38_', '')}, {r['epochs']} epochs")
+        points[label] = (s_['macs_full'] if gates_open else s_['macs_mean'], s_['top1'])
     os.makedirs(args.assets, exist_ok=True)
     plot_path = plot(points, os.path.join(args.assets, 'cifar10_accuracy_vs_macs.png'))
 
-    s = rl[chosen]
-    cfg = _load(os.path.join(run_dir, 'checkpoints', open(os.path.join(run_dir, 'checkpoints', 'latest')).read(),
-                             'trainer_state.json'))['config']
-    hours = sum(_wall_time(os.path.join(args.runs, r)) for r in ('c10_r38_base', chosen)) / 3600
+    s = runs[chosen]['summary']
+    cfg = _config(run_dir)
+    chain = _chain(run_dir)
+    hours = sum(_wall_time(r) for r in chain) / 3600
     verdict = ('meets the target (>= 30 % fewer MACs within 0.5 points of the baseline)' if chosen in ok else
                'MISSES the target of >= 30 % fewer MACs within 0.5 points of the baseline')
+    rows = [f"| ResNet-38 {name} ({r['epochs']} epochs, gates open{', the baseline' if name == base_run else ''}) "
+            f"| {r['summary']['top1']:.2f} | {r['summary']['macs_full'] / 1e6:.2f} | 0 % | "
+            + (f'{speed[1][1]:.0f} | {speed[256][1]:.0f} |' if name == base_run else '| |')
+            for name, r in runs.items() if name in (r['family']['backbone'], r['family']['baseline'])
+            and r['family'] is candidates[chosen]['family']]
     extra = '\n'.join([
         '## Comparison with the same-recipe baseline (measured)', '',
         '| model | top-1 (%) | MMACs / image | MACs reduction | CPU images/s, batch 1 | CPU images/s, batch 256 |',
-        '|---|---:|---:|---:|---:|---:|',
-        f"| ResNet-38, 50 epochs (stage base, gates open) | {base50['top1']:.2f} | {base50['macs_full'] / 1e6:.2f} "
-        f'| 0 % | | |',
-        f"| ResNet-38 baseline ({base_run}, gates open, same budget) | {base['top1']:.2f} | "
-        f"{base['macs_full'] / 1e6:.2f} | 0 % | {speed[1][1]:.0f} | {speed[256][1]:.0f} |",
-        f"| this model ({chosen}) | {s['top1']:.2f} | {s['macs_mean'] / 1e6:.2f} | {s['macs_reduction_pct']:.1f} % | "
-        f'{speed[1][0]:.0f} | {speed[256][0]:.0f} |', '',
+        '|---|---:|---:|---:|---:|---:|', *rows,
+        f"| this model ({chosen}, {runs[chosen]['epochs']} epochs) | {s['top1']:.2f} | {s['macs_mean'] / 1e6:.2f} | "
+        f"{s['macs_reduction_pct']:.1f} % | {speed[1][0]:.0f} | {speed[256][0]:.0f} |", '',
         f'Wall-clock speed-up over the baseline on the CIFAR-10 test images (real skipping, CPU, '
         f'{torch.get_num_threads()} threads): {speed[1][0] / speed[1][1]:.2f}x at batch 1 (first 1,000 images), '
         f'{speed[256][0] / speed[256][1]:.2f}x at batch 256 (10,000 images).',
         f'This model {verdict}. Top-1 on the first 1,000 test images: {first_1000:.2f} %.', '',
         '## Reproduce', '', '```bash',
         'CIFAR10_DIR=../shared/data/cifar10/plain bash examples/cifar10_skipnet38.sh all',
+        *(['CIFAR10_DIR=../shared/data/cifar10/plain bash examples/cifar10_skipnet38.sh long_all']
+          if 'long' in chosen else []),
         '.venv/bin/python examples/cifar10_report.py', '```', '',
-        f"Seed {cfg['seed']}; training time {hours:.2f} h (sum of the logged intervals of base + this rl run; "
-        f"start-up and evaluation excluded) on a 2-core CPU "
-        f'({platform.machine()}), torch {torch.__version__}, no GPU. Data: the 50,000-image train split of '
-        f'../shared/data/cifar10/plain (JPEG quality 75 copy of CIFAR-10); results on its 10,000-image test split.',
+        f"Training chain: {' <- '.join(os.path.basename(r) for r in chain)}. Seed {cfg['seed']}; training time "
+        f'{hours:.2f} h (sum of the logged intervals of every run in the chain; start-up and evaluation excluded) '
+        f'on a 2-core CPU ({platform.machine()}), torch {torch.__version__}, no GPU. Data: the 50,000-image train '
+        f'split of ../shared/data/cifar10/plain (JPEG quality 75 copy of CIFAR-10); results on its 10,000-image '
+        f'test split.',
     ])
     s = dict(s, first_1000_top1=first_1000, dataset='CIFAR-10 (JPEG copy, ../shared/data/cifar10/plain)',
-             speedup_batch1=speed[1][0] / speed[1][1], speedup_batch256=speed[256][0] / speed[256][1])
+             speedup_batch1=speed[1][0] / speed[1][1], speedup_batch256=speed[256][0] / speed[256][1],
+             baseline_run=base_run, baseline_top1=base['top1'], training_epochs=runs[chosen]['epochs'])
     eval_path = os.path.join(run_dir, 'eval_published.json')
     with open(eval_path, 'w') as f:
         json.dump(s, f, indent=2)
     export_run(run_dir, args.out, repo_id=REPO, eval_json=eval_path, card_extra=extra)
     print(f'published {chosen} to {args.out}; plot {plot_path}')
+    for name, r in runs.items():
+        print(f"{name:28s} {r['epochs']:4d} ep  top1 {r['summary']['top1']:6.2f}  "
+              f"MMACs {r['summary']['macs_mean'] / 1e6:6.2f}  fewer {r['summary']['macs_reduction_pct']:5.1f} %")
     print(extra)
 
 

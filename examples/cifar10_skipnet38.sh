@@ -5,8 +5,12 @@
 #   rl_a*    +10 epochs of hybrid RL per alpha, fresh gates at p = 0.5 so the backbone learns to run with blocks
 #            missing while the policy learns which ones it can drop
 #   sp       (optional, not in "all") straight-through sp from base; it keeps every gate open (see the README)
+# The long family (stages long_all = long, long_ft, long_rl), bf16 autocast:
+#   long              +40 epochs warm restart of base         -> the 90-epoch backbone
+#   long_base_ft      +15 epochs, gates open                  -> its same-budget ResNet-38 baseline
+#   long_rl_a* / long_ft_a*  +10 epochs rl, then +5 epochs ft (frozen greedy gates, backbone fine-tuned)
 # Every stage checkpoints each epoch and this script resumes where it stopped: re-run it after an interruption.
-#   CIFAR10_DIR=../shared/data/cifar10/plain bash examples/cifar10_skipnet38.sh [base|base_ft|rl|sp|all]
+#   CIFAR10_DIR=../shared/data/cifar10/plain bash examples/cifar10_skipnet38.sh [base|base_ft|rl|sp|ft|all|long_all|...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${CIFAR10_DIR:-../shared/data/cifar10/plain}
@@ -38,6 +42,21 @@ if [[ $stage == long || $stage == long_all ]]; then
   run c10_r38_long --stage base --initial-checkpoint "$RUNS/c10_r38_base/model" --epochs 40 --lr 0.05 \
       --weight-decay 5e-4 --sched cosine --warmup-epochs 1 --eval-every-epochs 10 --amp bf16
 fi
+if [[ $stage == long_ft || $stage == long_all ]]; then  # the same-budget baseline of the long family (15 = rl + ft)
+  run c10_r38_long_base_ft --stage base --initial-checkpoint "$RUNS/c10_r38_long/model" --epochs 15 --lr 0.01 \
+      --weight-decay 1e-4 --sched cosine --amp bf16
+fi
+if [[ $stage == long_rl || $stage == long_all ]]; then
+  # rl from the 90-epoch backbone (fresh gates at p = 0.5, 3-epoch REINFORCE warm-up), then ft: the backbone
+  # fine-tuned for 5 epochs under the learned greedy policy with the gates frozen
+  for alpha in ${LONG_ALPHAS:-0.75 1.0}; do
+    run "c10_r38_long_rl_a${alpha}" --stage rl --initial-checkpoint "$RUNS/c10_r38_long/model" --epochs 10 \
+        --lr 0.01 --weight-decay 1e-4 --sched cosine --reset-gates --gate-init-bias 0 --rl-baseline batch_mean \
+        --alpha "$alpha" --rl-warmup-epochs 3 --eval-every-epochs 5 --amp bf16
+    run "c10_r38_long_ft_a${alpha}" --stage ft --initial-checkpoint "$RUNS/c10_r38_long_rl_a${alpha}/model" \
+        --epochs 5 --lr 0.01 --weight-decay 1e-4 --sched cosine --amp bf16
+  done
+fi
 if [[ $stage == rl || $stage == all ]]; then
   RL=(--stage rl "${FINETUNE[@]}" --reset-gates --gate-init-bias 0 --rl-baseline batch_mean --eval-every-epochs 5)
   # rl warm-up: the first epochs keep every gate at p = 0.5 (REINFORCE off), so the backbone learns to run with
@@ -49,6 +68,10 @@ if [[ $stage == rl || $stage == all ]]; then
 fi
 if [[ $stage == base_ft || $stage == all ]]; then
   run c10_r38_base_ft --stage base "${FINETUNE[@]}"
+fi
+if [[ $stage == ft ]]; then  # (optional) ft of the alpha-2.0 model of the 50-epoch family
+  run c10_r38_ft_a2.0 --stage ft --initial-checkpoint "$RUNS/c10_r38_rl_a2.0/model" --epochs 5 --lr 0.01 \
+      --weight-decay 1e-4 --sched cosine --amp bf16
 fi
 if [[ $stage == sp ]]; then
   run c10_r38_sp --stage sp --initial-checkpoint "$RUNS/c10_r38_base/model" --reset-gates --gate-init-bias 0.5 \
