@@ -211,9 +211,13 @@ def main():
         json.dump(s, f, indent=2)
     export_run(run_dir, args.out, repo_id=REPO, eval_json=eval_path, card_extra=extra)
     print(f'published {chosen} to {args.out}; plot {plot_path}')
+    print('\n| run | epochs | top-1 (%) | MMACs / image | fewer MACs | blocks run (of 18) | train time (this run) |')
+    print('|---|---:|---:|---:|---:|---:|---:|')
     for name, r in runs.items():
-        print(f"{name:28s} {r['epochs']:4d} ep  top1 {r['summary']['top1']:6.2f}  "
-              f"MMACs {r['summary']['macs_mean'] / 1e6:6.2f}  fewer {r['summary']['macs_reduction_pct']:5.1f} %")
+        s_ = r['summary']
+        print(f"| {name} | {r['epochs']} | {s_['top1']:.2f} | {s_['macs_mean'] / 1e6:.2f} | "
+              f"{max(0.0, s_['macs_reduction_pct']):.1f} % | {s_['executed_blocks_mean']:.2f} | "
+              f"{_wall_time(os.path.join(args.runs, name)) / 3600:.2f} h |")
     print(extra)
 
 
