@@ -198,7 +198,8 @@ def main():
           if 'long' in chosen else []),
         '.venv/bin/python examples/cifar10_report.py', '```', '',
         f"Training chain: {' <- '.join(os.path.basename(r) for r in chain)}. Seed {cfg['seed']}; training time "
-        f'{hours:.2f} h (sum of the logged intervals of every run in the chain; start-up and evaluation excluded) '
+        f'{hours:.2f} h (sum of the logged intervals of every run in the chain; start-up and evaluation excluded; runs '
+        f'that shared the two cores with other jobs count their slower wall time) '
         f'on a 2-core CPU ({platform.machine()}), torch {torch.__version__}, no GPU. Data: the 50,000-image train '
         f'split of ../shared/data/cifar10/plain (JPEG quality 75 copy of CIFAR-10); results on its 10,000-image '
         f'test split.',
