@@ -42,6 +42,10 @@ if [[ $stage == long || $stage == long_all ]]; then
   run c10_r38_long --stage base --initial-checkpoint "$RUNS/c10_r38_base/model" --epochs 40 --lr 0.05 \
       --weight-decay 5e-4 --sched cosine --warmup-epochs 1 --eval-every-epochs 10 --amp bf16
 fi
+if [[ $stage == base164 ]]; then  # (in progress) the paper's 164-epoch schedule from scratch, bf16: for the >= 90 % baseline
+  run c10_r38_base164 --stage base --epochs 164 --lr 0.1 --weight-decay 5e-4 --sched cosine --warmup-epochs 1 \
+      --eval-every-epochs 20 --amp bf16
+fi
 if [[ $stage == long_ft || $stage == long_all ]]; then  # the same-budget baseline of the long family (15 = rl + ft)
   run c10_r38_long_base_ft --stage base --initial-checkpoint "$RUNS/c10_r38_long/model" --epochs 15 --lr 0.01 \
       --weight-decay 1e-4 --sched cosine --amp bf16
