@@ -9,6 +9,10 @@
 #   long              +40 epochs warm restart of base         -> the 90-epoch backbone
 #   long_base_ft      +15 epochs, gates open                  -> its same-budget ResNet-38 baseline
 #   long_rl_a* / long_ft_a*  +10 epochs rl, then +5 epochs ft (frozen greedy gates, backbone fine-tuned)
+# The long2 family (stages long2, then long2_all = long2_base_ft + long2_rl; long2_ft is the no-distillation ablation):
+#   long2             +50 epochs second warm restart of long, label smoothing 0.1  -> the 140-epoch backbone
+#   long2_base_ft     +15 epochs, gates open                  -> its same-budget ResNet-38 baseline
+#   long2_rl_a* / long2_kd_a*  +10 epochs rl, then +5 epochs ft distilled from the 140-epoch backbone
 # Every stage checkpoints each epoch and this script resumes where it stopped: re-run it after an interruption.
 #   CIFAR10_DIR=../shared/data/cifar10/plain bash examples/cifar10_skipnet38.sh [base|base_ft|rl|sp|ft|all|long_all|...]
 set -euo pipefail
@@ -41,6 +45,33 @@ if [[ $stage == long || $stage == long_all ]]; then
   # bf16 autocast trains 1.6x faster on this CPU (avx512_bf16)
   run c10_r38_long --stage base --initial-checkpoint "$RUNS/c10_r38_base/model" --epochs 40 --lr 0.05 \
       --weight-decay 5e-4 --sched cosine --warmup-epochs 1 --eval-every-epochs 10 --amp bf16
+fi
+if [[ $stage == long2 || $stage == long2_all ]]; then
+  # a second, longer warm restart of the 90-epoch backbone (+50 epochs, label smoothing 0.1): the 140-epoch backbone
+  run c10_r38_long2 --stage base --initial-checkpoint "$RUNS/c10_r38_long/model" --epochs 50 --lr 0.05 \
+      --weight-decay 5e-4 --sched cosine --warmup-epochs 1 --smoothing 0.1 --eval-every-epochs 10 --amp bf16
+fi
+if [[ $stage == long2_base_ft || $stage == long2_all ]]; then  # the same-budget baseline of the long2 family
+  run c10_r38_long2_base_ft --stage base --initial-checkpoint "$RUNS/c10_r38_long2/model" --epochs 15 --lr 0.01 \
+      --weight-decay 1e-4 --sched cosine --amp bf16
+fi
+if [[ $stage == long2_rl || $stage == long2_all ]]; then
+  # rl from the 140-epoch backbone as in long_rl, then ft distilled from that backbone (gates open). The teacher was
+  # trained with label smoothing, whose logits carry little beyond the label at high temperature: T = 1
+  for alpha in ${LONG2_ALPHAS:-0.7 0.65}; do
+    run "c10_r38_long2_rl_a${alpha}" --stage rl --initial-checkpoint "$RUNS/c10_r38_long2/model" --epochs 10 \
+        --lr 0.01 --weight-decay 1e-4 --sched cosine --reset-gates --gate-init-bias 0 --rl-baseline batch_mean \
+        --alpha "$alpha" --rl-warmup-epochs 3 --eval-every-epochs 5 --amp bf16
+    run "c10_r38_long2_kd_a${alpha}" --stage ft --initial-checkpoint "$RUNS/c10_r38_long2_rl_a${alpha}/model" \
+        --distill-from "$RUNS/c10_r38_long2/model" --distill-weight 0.7 --distill-temperature 1 \
+        --epochs 5 --lr 0.01 --weight-decay 1e-4 --sched cosine --amp bf16
+  done
+fi
+if [[ $stage == long2_ft ]]; then  # the ablation of the distillation: plain ft of the same rl models
+  for alpha in ${LONG2_ALPHAS:-0.7}; do
+    run "c10_r38_long2_ft_a${alpha}" --stage ft --initial-checkpoint "$RUNS/c10_r38_long2_rl_a${alpha}/model" \
+        --epochs 5 --lr 0.01 --weight-decay 1e-4 --sched cosine --amp bf16
+  done
 fi
 if [[ $stage == base164 ]]; then  # (in progress) the paper's 164-epoch schedule from scratch, bf16: for the >= 90 % baseline
   run c10_r38_base164 --stage base --epochs 164 --lr 0.1 --weight-decay 5e-4 --sched cosine --warmup-epochs 1 \

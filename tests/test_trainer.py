@@ -11,7 +11,15 @@ import torch
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
-from timm_skipnet.train import TrainConfig, parse_config, resolve_checkpoint, save_checkpoint, stage_loss, train
+from timm_skipnet.train import (
+    STAGE_POLICY,
+    TrainConfig,
+    parse_config,
+    resolve_checkpoint,
+    save_checkpoint,
+    stage_loss,
+    train,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,6 +126,52 @@ def test_rl_stage_loss_equals_a_hand_computation(cifar10_dir):
             expected_rl -= trace.log_probs[b, k].item() * ret
     assert math.isclose(out['rl'].item(), expected_rl, rel_tol=1e-5)
     assert math.isclose(out['loss'].item(), sum(ce) / 3 + cfg.rl_weight * expected_rl, rel_tol=1e-5)
+
+
+def test_distillation_mixes_ce_and_the_hinton_kl_and_keeps_the_rl_reward(cifar10_dir):
+    from tests.helpers import randomize_gates
+    model = timm.create_model('skipnet_resnet38_cifar').eval()
+    randomize_gates(model, scale=0.5)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([1, 4, 7, 0])
+    ce_fn = torch.nn.CrossEntropyLoss(reduction='none')
+    teacher_logits = torch.randn(4, 10) * 3
+    w, t = 0.7, 3.0
+    for stage in ('base', 'ft', 'rl'):
+        cfg = TrainConfig(stage=stage, alpha=0.3, distill_weight=w, distill_temperature=t)
+        torch.manual_seed(1)
+        plain = stage_loss(model, x, y, cfg, ce_fn)
+        torch.manual_seed(1)
+        mixed = stage_loss(model, x, y, cfg, ce_fn, teacher_logits=teacher_logits)
+        torch.manual_seed(1)
+        student = model(x, gate_policy=STAGE_POLICY[stage])
+        p_t = torch.softmax(teacher_logits / t, -1)
+        kd = (p_t * (p_t.log() - torch.log_softmax(student / t, -1))).sum(-1).mean() * t * t
+        assert math.isclose(mixed['kd'].item(), kd.item(), rel_tol=1e-4)
+        assert math.isclose(mixed['ce'].item(), plain['ce'].item(), rel_tol=1e-6)
+        extra_rl = plain['loss'].item() - plain['ce'].item()  # rl_weight * REINFORCE for rl, 0 otherwise
+        expected = (1 - w) * plain['ce'].item() + w * kd.item() + extra_rl
+        assert math.isclose(mixed['loss'].item(), expected, rel_tol=1e-4), stage
+        if stage == 'rl':  # the reward still uses the per-image CE: the REINFORCE term is unchanged
+            assert math.isclose(mixed['rl'].item(), plain['rl'].item(), rel_tol=1e-6)
+    same = stage_loss(model, x, y, TrainConfig(stage='base'), ce_fn, teacher_logits=model(x, gate_policy='open'))
+    assert abs(same['kd'].item()) < 1e-5  # a teacher identical to the student adds nothing to learn
+
+
+def test_ft_with_a_teacher_trains_logs_kd_and_never_writes_the_teacher(cifar10_dir, tmp_path):
+    train(_cfg(cifar10_dir, tmp_path / 'teacher', stage='base', steps=1))
+    teacher_file = tmp_path / 'teacher' / 'model' / 'model.safetensors'
+    before = teacher_file.read_bytes()
+    AcceleratorState._reset_state(True)
+    teacher = str(tmp_path / 'teacher' / 'model')
+    train(_cfg(cifar10_dir, tmp_path / 'ft', stage='ft', steps=2, export=False, initial_checkpoint=teacher,
+               distill_from=teacher))
+    rows = _logged(tmp_path / 'ft')
+    assert len(rows) == 2 and all(math.isfinite(r['kd']) and r['kd'] >= 0 for r in rows)
+    assert teacher_file.read_bytes() == before
+    with pytest.raises(ValueError, match='distill-weight'):
+        AcceleratorState._reset_state(True)
+        train(_cfg(cifar10_dir, tmp_path / 'bad', stage='ft', steps=1, distill_weight=1.5,
+                   distill_from=str(tmp_path / 'teacher' / 'model')))
 
 
 def test_resume_reproduces_an_uninterrupted_run_exactly(cifar10_dir, tmp_path):

@@ -10,6 +10,10 @@ Stages (skipnet-reference.md section 3):
   rl    gates sampled from Bernoulli(p); loss = mean CE + rl_weight * sum_{b,k} -log pi(a_bk) * G_bk.
   ft    (after rl; not in the paper) the learned greedy policy, frozen; cross-entropy trains the backbone for the
         blocks each image really runs, so the network stops paying for the randomness rl sampled.
+
+Any stage can also distil from a teacher (``--distill-from``, e.g. the full backbone the run started from): the
+cross-entropy term becomes (1 - w) * CE + w * T^2 * KL(teacher_T || student_T) (Hinton et al., 2015), which lets a
+network that skips blocks copy the full network's outputs instead of only the labels.
 """
 import argparse
 import dataclasses
@@ -63,6 +67,11 @@ class TrainConfig:
     rl_warmup_epochs: float = field(default=0.0, metadata=dict(
         help='rl: epochs with the REINFORCE term off at the start; the gates keep their initial p (0.5 with '
              '--gate-init-bias 0) while the backbone learns to run with random blocks missing'))
+    distill_from: str = field(default='', metadata=dict(help=(
+        'teacher weights (exported folder or .safetensors) of the same architecture, run with every gate open; '
+        'adds a distillation term to the cross-entropy')))
+    distill_weight: float = field(default=0.9, metadata=dict(help='w: loss = (1 - w) CE + w T^2 KL'))
+    distill_temperature: float = field(default=4.0, metadata=dict(help='T of the distillation softmax'))
     # optimisation (timm train.py names)
     epochs: int = 10
     steps: Optional[int] = field(default=None, metadata=dict(help='optimizer updates in total (overrides epochs)'))
@@ -223,22 +232,58 @@ def build_scheduler(cfg: TrainConfig, optimizer, total_steps: int, steps_per_epo
 
 
 # ---- loss ----------------------------------------------------------------------------------------------------------
-def stage_loss(model, x, y, cfg: TrainConfig, ce_fn, rl_weight: Optional[float] = None) -> Dict[str, torch.Tensor]:
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)), mean over the batch; T^2 keeps the gradient scale of
+    the soft targets independent of T (Hinton et al., 2015)."""
+    t = temperature
+    log_p_student = torch.log_softmax(student_logits.float() / t, dim=-1)
+    log_p_teacher = torch.log_softmax(teacher_logits.float() / t, dim=-1)
+    return nn.functional.kl_div(log_p_student, log_p_teacher, reduction='batchmean', log_target=True) * (t * t)
+
+
+def stage_loss(model, x, y, cfg: TrainConfig, ce_fn, rl_weight: Optional[float] = None,
+               teacher_logits: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """The objective of ``cfg.stage``; returns the loss and what to log. ``rl_weight`` overrides ``cfg.rl_weight``
-    (0 during ``--rl-warmup-epochs``)."""
+    (0 during ``--rl-warmup-epochs``). With ``teacher_logits`` the mean CE term is replaced by
+    (1 - w) CE + w KD; the rl reward keeps the per-image CE."""
     from .rewards import hybrid_rl_loss
     if cfg.stage == 'base':
         logits = model(x, gate_policy='open')
-        loss = ce_fn(logits, y).mean()
-        return dict(loss=loss, ce=loss.detach(), exec_rate=torch.ones((), device=x.device))
-    trace = model(x, gate_policy=STAGE_POLICY[cfg.stage], return_trace=True)
-    if cfg.stage in ('sp', 'ft'):
-        loss = ce_fn(trace.logits, y).mean()
-        return dict(loss=loss, ce=loss.detach(), exec_rate=trace.actions.mean())
-    rl_weight = cfg.rl_weight if rl_weight is None else rl_weight
-    loss, ce, rl = hybrid_rl_loss(trace.logits, y, trace.actions, trace.log_probs, alpha=cfg.alpha, beta=cfg.beta,
-                                  gamma=cfg.gamma, rl_weight=rl_weight, baseline=cfg.rl_baseline, ce_fn=ce_fn)
-    return dict(loss=loss, ce=ce.detach(), rl=rl.detach(), exec_rate=trace.actions.mean())
+        loss = ce = ce_fn(logits, y).mean()
+        out = dict(exec_rate=torch.ones((), device=x.device))
+    else:
+        trace = model(x, gate_policy=STAGE_POLICY[cfg.stage], return_trace=True)
+        logits = trace.logits
+        out = dict(exec_rate=trace.actions.mean())
+        if cfg.stage in ('sp', 'ft'):
+            loss = ce = ce_fn(logits, y).mean()
+        else:
+            rl_weight = cfg.rl_weight if rl_weight is None else rl_weight
+            loss, ce, rl = hybrid_rl_loss(logits, y, trace.actions, trace.log_probs, alpha=cfg.alpha, beta=cfg.beta,
+                                          gamma=cfg.gamma, rl_weight=rl_weight, baseline=cfg.rl_baseline,
+                                          ce_fn=ce_fn)
+            out['rl'] = rl.detach()
+    if teacher_logits is not None:
+        kd = distillation_loss(logits, teacher_logits, cfg.distill_temperature)
+        loss = loss + cfg.distill_weight * (kd - ce)  # = (1 - w) CE + w KD (+ the rl term)
+        out['kd'] = kd.detach()
+    out.update(loss=loss, ce=ce.detach())
+    return out
+
+
+def build_teacher(cfg: TrainConfig, arch: str, model_args: Dict[str, Any], device) -> Optional[nn.Module]:
+    """The frozen ``--distill-from`` network (same architecture, eval mode, every gate open), or None."""
+    if not cfg.distill_from:
+        return None
+    if not 0.0 <= cfg.distill_weight <= 1.0 or cfg.distill_temperature <= 0:
+        raise ValueError(f'--distill-weight must be in [0, 1] and --distill-temperature > 0, got '
+                         f'{cfg.distill_weight} and {cfg.distill_temperature}.')
+    import timm
+
+    from .loading import load_weights
+    teacher = timm.create_model(arch, **model_args)
+    load_weights(teacher, cfg.distill_from)
+    return teacher.requires_grad_(False).eval().to(device)
 
 
 # ---- the run -------------------------------------------------------------------------------------------------------
@@ -273,6 +318,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     if cfg.stage in FROZEN_GATE_STAGES:
         model.gates.requires_grad_(False)  # the backbone only; also keeps DDP free of unused params
     mac_table = measure_mac_table(model)
+    teacher = build_teacher(cfg, arch, model_args, accelerator.device)
     train_tf, eval_tf = build_transforms(model, True), build_transforms(model, False)
 
     # optimizer and schedule, counted in updates
@@ -357,7 +403,11 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                 x, y = x.to(accelerator.device), y.to(accelerator.device)
                 with accelerator.accumulate(model):
                     with accelerator.autocast():
-                        out = stage_loss(model, x, y, cfg, ce_fn,
+                        teacher_logits = None
+                        if teacher is not None:
+                            with torch.no_grad():
+                                teacher_logits = teacher(x, gate_policy='open')
+                        out = stage_loss(model, x, y, cfg, ce_fn, teacher_logits=teacher_logits,
                                          rl_weight=0.0 if global_step < rl_warmup_steps else cfg.rl_weight)
                     accelerator.backward(out['loss'])
                     if accelerator.sync_gradients and cfg.clip_grad:
