@@ -34,7 +34,12 @@ FAMILIES = [
     dict(backbone='c10_r38_base', baseline='c10_r38_base_ft', skipnets=['c10_r38_rl_a*', 'c10_r38_ft_a*']),
     dict(backbone='c10_r38_long', baseline='c10_r38_long_base_ft',
          skipnets=['c10_r38_long_rl_a*', 'c10_r38_long_ft_a*']),
+    dict(backbone='c10_r38_long2', baseline='c10_r38_long2_base_ft',
+         skipnets=['c10_r38_long2_rl_a*', 'c10_r38_long2_kd_a*', 'c10_r38_long2_ft_a*']),
 ]
+# the recipe stages (examples/cifar10_skipnet38.sh) that train each backbone's family
+RECIPE_STAGES = {'c10_r38_base': ['all'], 'c10_r38_long': ['base', 'long_all'],
+                 'c10_r38_long2': ['base', 'long', 'long2', 'long2_all']}
 
 
 def _load(path):
@@ -193,11 +198,13 @@ def main():
         f'{speed[256][0] / speed[256][1]:.2f}x at batch 256 (10,000 images).',
         f'This model {verdict}. Top-1 on the first 1,000 test images: {first_1000:.2f} %.', '',
         '## Reproduce', '', '```bash',
-        'CIFAR10_DIR=../shared/data/cifar10/plain bash examples/cifar10_skipnet38.sh all',
-        *(['CIFAR10_DIR=../shared/data/cifar10/plain bash examples/cifar10_skipnet38.sh long_all']
-          if 'long' in chosen else []),
+        *[f'CIFAR10_DIR=../shared/data/cifar10/plain bash examples/cifar10_skipnet38.sh {stage}'
+          for stage in RECIPE_STAGES[candidates[chosen]['family']['backbone']]],
         '.venv/bin/python examples/cifar10_report.py', '```', '',
-        f"Training chain: {' <- '.join(os.path.basename(r) for r in chain)}. Seed {cfg['seed']}; training time "
+        f"Training chain: {' <- '.join(os.path.basename(r) for r in chain)}"
+        + (f" (the last stage distilled from {os.path.basename(os.path.dirname(os.path.normpath(cfg['distill_from'])))}"
+           f", weight {cfg['distill_weight']}, temperature {cfg['distill_temperature']})"
+           if cfg.get('distill_from') else '') + f". Seed {cfg['seed']}; training time "
         f'{hours:.2f} h (sum of the logged intervals of every run in the chain; start-up and evaluation excluded; runs '
         f'that shared the two cores with other jobs count their slower wall time) '
         f'on a 2-core CPU ({platform.machine()}), torch {torch.__version__}, no GPU. Data: the 50,000-image train '
