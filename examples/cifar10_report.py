@@ -37,10 +37,13 @@ FAMILIES = [
          skipnets=['c10_r38_long_rl_a*', 'c10_r38_long_ft_a*']),
     dict(backbone='c10_r38_long2', baseline='c10_r38_long2_base_ft',
          skipnets=['c10_r38_long2_rl_a*', 'c10_r38_long2_kd_a*', 'c10_r38_long2_ft_a*']),
+    dict(backbone='c10_r38_long3', baseline='c10_r38_long3_base_ft',
+         skipnets=['c10_r38_long3_rl_a*', 'c10_r38_long3_kd_a*']),
 ]
 # the recipe stages (examples/cifar10_skipnet38.sh) that train each backbone's family
 RECIPE_STAGES = {'c10_r38_base': ['all'], 'c10_r38_long': ['base', 'long_all'],
-                 'c10_r38_long2': ['base', 'long', 'long2', 'long2_all']}
+                 'c10_r38_long2': ['base', 'long', 'long2', 'long2_all'],
+                 'c10_r38_long3': ['base', 'long', 'long2', 'long3', 'long3_all']}
 
 
 def _load(path):
