@@ -77,24 +77,56 @@ def _throughput(model, batches, batch_size: int, max_images: int) -> float:
     return len(xs) / (time.perf_counter() - t0)
 
 
-def plot(points, path):
+def _kind(name: str, family: dict) -> str:
+    if name == family['backbone']:
+        return 'backbone'
+    if name == family['baseline']:
+        return 'baseline'
+    return next((k for k in ('kd', 'ft', 'rl') if f'_{k}_a' in name), 'rl')
+
+
+# marker and legend text per kind of run; each family gets one colour
+KIND_STYLE = {'backbone': ('s', 'ResNet-38 backbone (gates open)'),
+              'baseline': ('D', 'same-budget baseline (gates open)'),
+              'rl': ('o', 'SkipNet after rl'), 'ft': ('v', 'SkipNet after rl + ft'),
+              'kd': ('*', 'SkipNet after rl + distilled ft')}
+
+
+def plot(points, path, published=None):
+    """points: [(family label, kind, name, macs, top1)]; colour = family, marker = kind, the published run ringed."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot([p[0] for p in PAPER_POINTS], [p[1] for p in PAPER_POINTS], 'o--', color='gray',
-            label='SkipNet paper, CIFAR-10 HRL (R-38/74/110, lossless data)')
-    ax.plot(*PAPER_R38, 's', color='gray', mfc='none', label='paper ResNet-38 baseline')
-    for name, (macs, top1) in points.items():
-        marker = 's' if name.startswith('ResNet') else ('^' if name.startswith('sp') else 'o')
-        ax.plot(macs / 1e8, top1, marker, ms=9, label=f'{name} (this repo)')
+    from matplotlib.lines import Line2D
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    ax.plot([p[0] for p in PAPER_POINTS], [p[1] for p in PAPER_POINTS], 'o--', color='gray')
+    ax.plot(*PAPER_R38, 's', color='gray', mfc='none', ms=9)
+    families = list(dict.fromkeys(p[0] for p in points))
+    colours = dict(zip(families, plt.rcParams['axes.prop_cycle'].by_key()['color']))
+    for family, kind, name, macs, top1 in points:
+        marker = KIND_STYLE[kind][0]
+        ax.plot(macs / 1e8, top1, marker, color=colours[family], ms=13 if marker == '*' else 8, alpha=0.9)
+        if name == published:
+            ax.plot(macs / 1e8, top1, 'o', mfc='none', mec='black', ms=20, mew=1.5)
+            ax.annotate('published', (macs / 1e8, top1), xytext=(12, -18), textcoords='offset points', fontsize=9)
+    handles = [Line2D([], [], ls='--', marker='o', color='gray', label='SkipNet paper, HRL (R-38/74/110, lossless)'),
+               Line2D([], [], ls='', marker='s', mfc='none', color='gray', label='paper ResNet-38')]
+    handles += [Line2D([], [], ls='', marker='o', color=colours[f], label=f) for f in families]
+    kinds = list(dict.fromkeys(p[1] for p in points))
+    handles += [Line2D([], [], ls='', marker=KIND_STYLE[k][0], color='black', mfc='white', ms=10 if k == 'kd' else 7,
+                       label=KIND_STYLE[k][1]) for k in kinds]
+    full = max(p[3] for p in points if p[1] in ('backbone', 'baseline'))
+    ax.axvline(0.7 * full / 1e8, ls=':', color='black', lw=1)  # the issue's target: >= 30 % fewer MACs
+    ax.axhline(90.0, ls=':', color='black', lw=1)  # ... and a >= 90 % baseline
+    handles.append(Line2D([], [], ls=':', color='black', lw=1, label='targets: 90 % baseline, 30 % fewer MACs'))
     ax.set_xlabel('MACs per image (x 1e8), exact count incl. gates')
     ax.set_ylabel('top-1 accuracy on the 10k test split (%)')
-    ax.set_title('SkipNet-38 on CIFAR-10: accuracy vs compute')
+    ax.set_title('SkipNet-38 on CIFAR-10 (this repo, JPEG copy) vs the paper: accuracy vs compute')
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc='lower right')
+    ax.legend(handles=handles, fontsize=8, loc='upper left', bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     return path
 
 
@@ -171,15 +203,16 @@ def main():
         speed[bs] = (_throughput(model, batches, bs, n), _throughput(baseline, batches, bs, n))
     first_1000 = _first_n_top1(model, batches, 1000)
 
-    points = {}
+    points = []
     for name, r in runs.items():
-        s_ = r['summary']
-        gates_open = name in (r['family']['backbone'], r['family']['baseline'])
-        label = (f"ResNet-38, {r['epochs']} epochs" + (' (baseline)' if name == r['family']['baseline'] else '')
-                 if gates_open else f"{name.replace('c10_r38_', '')}, {r['epochs']} epochs")
-        points[label] = (s_['macs_full'] if gates_open else s_['macs_mean'], s_['top1'])
+        s_, family = r['summary'], r['family']
+        kind = _kind(name, family)
+        label = f"{runs[family['backbone']]['epochs']}-epoch backbone family" if family['backbone'] in runs \
+            else family['backbone']
+        points.append((label, kind, name, s_['macs_full'] if kind in ('backbone', 'baseline') else s_['macs_mean'],
+                       s_['top1']))
     os.makedirs(args.assets, exist_ok=True)
-    plot_path = plot(points, os.path.join(args.assets, 'cifar10_accuracy_vs_macs.png'))
+    plot_path = plot(points, os.path.join(args.assets, 'cifar10_accuracy_vs_macs.png'), published=chosen)
 
     s = runs[chosen]['summary']
     cfg = _config(run_dir)
