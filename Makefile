@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-CIFAR_DIR ?= $(abspath ../shared/data/cifar10/plain)
+CIFAR_DIR ?= $(or $(CIFAR10_DIR),$(abspath ../shared/data/cifar10/plain))
 
 .PHONY: venv test lint demo bench clean
 
@@ -28,4 +28,4 @@ bench: venv
 	$(BIN)/timm-skipnet bench --model skipnet_resnet50 --batch-sizes 1 8 64
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV)  # never runs/: it holds the training runs the report reads

@@ -184,3 +184,22 @@ def test_feature_wrappers_that_would_bypass_the_gates_are_refused():
     for cls in ('hook', 'fx'):
         with pytest.raises(ValueError, match="feature_cls='getter'"):
             timm.create_model('skipnet_resnet38_cifar', features_only=True, feature_cls=cls)
+
+
+@pytest.mark.parametrize('gate_type', ['ff1', 'ff2', 'rnn'])
+def test_reset_gates_forgets_everything_a_trained_gate_learned(gate_type):
+    fresh = timm.create_model('skipnet_resnet38_cifar', gate_type=gate_type, gate_init_bias=0.0).gates
+    trained = timm.create_model('skipnet_resnet38_cifar', gate_type=gate_type, gate_init_bias=0.0).gates
+    holder = torch.nn.Module()
+    holder.gates = trained  # the helpers act on a model's .gates
+    randomize_bn(holder)
+    randomize_gates(holder)
+    trained.init_weights(0.0)
+    x = torch.randn(4, 16, 32, 32)
+    state_f, state_t = fresh.init_state(x), trained.init_state(x)
+    logit_f, _ = fresh.eval()(0, x, state_f)
+    logit_t, _ = trained.eval()(0, x, state_t)
+    assert torch.allclose(torch.sigmoid(logit_t), torch.full_like(logit_t, 0.5)) and torch.allclose(logit_f, logit_t)
+    for (name, a), b in zip(fresh.named_buffers(), trained.buffers()):
+        if 'num_batches_tracked' not in name:
+            assert torch.equal(a, b), name  # BatchNorm running statistics are back to 0 / 1

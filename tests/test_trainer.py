@@ -105,7 +105,7 @@ def test_ft_stage_trains_only_the_blocks_the_frozen_policy_runs(cifar10_dir, tmp
         assert torch.equal(tuned[w], start[w]) == (k % 2 == 0), block
 
 
-def test_rl_stage_loss_equals_a_hand_computation(cifar10_dir):
+def test_rl_stage_loss_equals_a_hand_computation():
     from tests.helpers import randomize_gates
     model = timm.create_model('skipnet_resnet38_cifar').train()
     randomize_gates(model, scale=0.5)
@@ -128,7 +128,7 @@ def test_rl_stage_loss_equals_a_hand_computation(cifar10_dir):
     assert math.isclose(out['loss'].item(), sum(ce) / 3 + cfg.rl_weight * expected_rl, rel_tol=1e-5)
 
 
-def test_distillation_mixes_ce_and_the_hinton_kl_and_keeps_the_rl_reward(cifar10_dir):
+def test_distillation_mixes_ce_and_the_hinton_kl_and_keeps_the_rl_reward():
     from tests.helpers import randomize_gates
     model = timm.create_model('skipnet_resnet38_cifar').eval()
     randomize_gates(model, scale=0.5)
@@ -193,6 +193,19 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(cifar10_dir, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # resuming with a different batch size would silently change every later update: refused, before any step
+    AcceleratorState._reset_state(True)
+    with pytest.raises(ValueError, match=r'--batch-size 8 \(now 4\)'):
+        train(_cfg(cifar10_dir, tmp_path / 'split', **dict(kw, resume=str(tmp_path / 'split'), batch_size=4)))
+    assert sorted(os.listdir(ckpts)) == final
+
+
+@pytest.mark.parametrize('flag, value', [('rl_baseline', 'mean'), ('amp', 'bfloat16')])
+def test_a_misspelt_setting_fails_before_any_work_with_the_choices(tmp_path, flag, value):
+    with pytest.raises(ValueError, match=f"--{flag.replace('_', '-')} must be"):
+        train(TrainConfig(stage='rl', dataset=str(tmp_path / 'nowhere'), output=str(tmp_path / 'out'),
+                          **{flag: value}))
+    assert not (tmp_path / 'out').exists()
 
 
 def test_an_interrupted_save_keeps_the_previous_checkpoint(tmp_path):

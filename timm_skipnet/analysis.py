@@ -1,6 +1,6 @@
 """What the gates learned: execution rate per block, executed blocks per image, per class and per accuracy bucket,
-the images that run the fewest / most blocks, and how depth follows input scale (skipnet-reference.md section 7,
-the paper's Fig. 7-10).
+the images that run the fewest / most blocks, and how depth follows input scale (the paper's
+Fig. 7-10).
 
 Three steps, so every number behind a plot can be tested without looking at pixels:
 ``run_analysis`` (model + loader -> per-image tensors), ``compute_statistics`` (tensors -> JSON-ready numbers) and
@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from .checkpoints import atomic_write_text
 
 DEFAULT_SCALES = (0.75, 1.0, 1.25, 1.5)
 MAX_BUCKETS = 8  # accuracy-per-bucket plot: at most this many equal-width buckets of executed blocks
@@ -564,11 +566,9 @@ def write_report(data: AnalysisData, stats: dict[str, Any], out_dir: str) -> dic
     plot_bucket_accuracy(stats, p['accuracy'])
     plot_scale_shift(stats, p['scales'])
     p['summary_json'] = os.path.join(out_dir, 'summary.json')
-    with open(p['summary_json'], 'w') as f:
-        json.dump(stats, f, indent=2)
+    atomic_write_text(p['summary_json'], json.dumps(stats, indent=2))
     p['summary_md'] = os.path.join(out_dir, 'summary.md')
-    with open(p['summary_md'], 'w') as f:
-        f.write(format_markdown(stats) + '\n')
+    atomic_write_text(p['summary_md'], format_markdown(stats) + '\n')
     return p
 
 

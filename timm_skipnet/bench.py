@@ -153,8 +153,9 @@ def main(args) -> None:
     print(format_table(rows))
     if args.output:
         import json
-        with open(args.output, 'w') as f:
-            json.dump(rows, f, indent=2)
+
+        from .checkpoints import atomic_write_text
+        atomic_write_text(args.output, json.dumps(rows, indent=2))
 
 
 def add_parser(sub) -> None:

@@ -4,6 +4,8 @@ import json
 import os
 from typing import Dict, Optional
 
+from .checkpoints import atomic_write_text
+
 CITATION = """@inproceedings{wang2018skipnet,
   title     = {SkipNet: Learning Dynamic Routing in Convolutional Networks},
   author    = {Wang, Xin and Yu, Fisher and Dou, Zi-Yi and Darrell, Trevor and Gonzalez, Joseph E.},
@@ -71,9 +73,7 @@ def write_model_card(folder: str, eval_summary: Optional[Dict] = None, train_con
               '- Accuracy and compute are measured on the stated test split only.', '',
               '## Citation', '', '```bibtex', CITATION, '```', '']
     path = os.path.join(folder, 'README.md')
-    with open(path + '.tmp', 'w') as f:
-        f.write('\n'.join(lines))
-    os.replace(path + '.tmp', path)
+    atomic_write_text(path, '\n'.join(lines))
     return path
 
 

@@ -4,6 +4,7 @@ from typing import Dict, Optional
 import torch
 
 from .accounting import MacTable
+from .checkpoints import atomic_write_text
 
 
 @torch.no_grad()
@@ -12,8 +13,9 @@ def collect(model, loader, accelerator=None, max_batches: Optional[int] = None, 
     processes, gathered once at the end (processes may hold different numbers of images and batches)."""
     from tqdm.auto import tqdm
     net = accelerator.unwrap_model(model, keep_fp32_wrapper=False) if accelerator is not None else model
-    was_training = net.training
+    was_training, execution = net.training, net.execution
     net.eval()
+    net.set_execution('sparse')  # what a user runs: skipped blocks cost nothing (a trainer may have left 'dense')
     device = next(net.parameters()).device
     preds, labels, actions, probs, n_bad = [], [], [], [], 0
     bar = tqdm(loader, desc='eval', disable=not progress, leave=False)
@@ -29,6 +31,7 @@ def collect(model, loader, accelerator=None, max_batches: Optional[int] = None, 
         actions.append(trace.actions.cpu())
         probs.append(trace.probs.cpu())
     net.train(was_training)
+    net.set_execution(execution)
     k = net.num_gated_blocks
     local = dict(preds=_cat(preds, (0,), torch.long), labels=_cat(labels, (0,), torch.long),
                  actions=_cat(actions, (0, k), torch.float32), probs=_cat(probs, (0, k), torch.float32),
@@ -114,9 +117,7 @@ def main(args) -> Dict:
     print(format_summary(summary))
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output + '.tmp', 'w') as f:
-            json.dump(summary, f, indent=2)
-        os.replace(args.output + '.tmp', args.output)
+        atomic_write_text(args.output, json.dumps(summary, indent=2))
     return summary
 
 

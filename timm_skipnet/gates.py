@@ -117,6 +117,8 @@ class FeedForwardGates(nn.Module):
             for m in g.modules():
                 if isinstance(m, nn.Conv2d):
                     nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+                elif isinstance(m, nn.BatchNorm2d):
+                    m.reset_parameters()  # --reset-gates must not keep a trained gate's statistics
         self.set_constant_probability(torch.sigmoid(torch.tensor(init_bias)).item())
 
     @torch.no_grad()

@@ -21,7 +21,7 @@ def _read_json(path: str) -> Dict:
 
 def find_run_files(run_or_checkpoint: str) -> Dict[str, Optional[str]]:
     """Locate the weights, trainer state and evaluation JSON of a run dir, a checkpoint dir or an exported folder."""
-    from .train import resolve_checkpoint
+    from .checkpoints import resolve_checkpoint
     path = os.path.abspath(run_or_checkpoint)
     if os.path.exists(os.path.join(path, 'config.json')) and os.path.exists(os.path.join(path, 'model.safetensors')):
         evals = os.path.join(path, 'eval_results.json')

@@ -3,7 +3,7 @@
 Per image b and gated block k (K gates, forward order), with a_k = 1 when block k ran:
     reward  r_k = (1 - a_k) * alpha / K                 (alpha: the skip reward)
     return  G_k = r_k + gamma * G_{k+1},  G_{K+1} = -beta * CE_b
-With gamma = 1: G_k = -beta * CE_b + (alpha / K) * sum_{j >= k} (1 - a_j)  (skipnet-reference.md section 3.2).
+With gamma = 1: G_k = -beta * CE_b + (alpha / K) * sum_{j >= k} (1 - a_j)  (the paper's hybrid reward).
 The policy loss sums over images and gates as the original CIFAR code (PyTorch 0.2 ``reinforce``) did; every image
 gets its own return (no batch-mean broadcast, the bug of the original ImageNet port).
 """
@@ -30,7 +30,8 @@ def discounted_returns(rewards: torch.Tensor, terminal: torch.Tensor, gamma: flo
 def reinforce_loss(log_probs: torch.Tensor, returns: torch.Tensor, baseline: Optional[str] = None) -> torch.Tensor:
     """sum_{b,k} -log pi(a_bk) * (G_bk - baseline_k); returns carry no gradient.
 
-    ``baseline='batch_mean'`` subtracts each gate's batch-mean return: same expected gradient, lower variance.
+    ``baseline='batch_mean'`` subtracts each gate's batch-mean return: lower variance; since the mean includes the
+    image's own return, the gradient is scaled by (1 - 1/B), a bias that vanishes with the batch size.
     """
     advantage = returns.detach()
     if baseline == 'batch_mean':

@@ -430,7 +430,8 @@ for _name, (_, _, _timm_tag) in _IMAGENET_ARCHS.items():
 # trained SkipNet weights published by this project (hub_configs/<arch>.<tag>/ holds each repo's content)
 _default_cfgs['skipnet_resnet38_cifar.cifar10'] = _cifar_cfg(
     hf_hub_id=f'{HUB_ORG}/skipnet_resnet38_cifar.cifar10',
-    notes=('SkipNet-38 (RNN gates) trained on CIFAR-10 with timm-skipnet: base -> sp -> rl.',))
+    notes=('SkipNet-38 (RNN gates) trained on CIFAR-10 with timm-skipnet: gates-open backbone -> rl -> ft; '
+           'recipe in the model card.',))
 for _depth in _CIFAR_DEPTHS:
     if not any(k.startswith(f'skipnet_resnet{_depth}_cifar.') for k in _default_cfgs):
         _default_cfgs[f'skipnet_resnet{_depth}_cifar'] = _cifar_cfg()

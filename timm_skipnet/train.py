@@ -4,7 +4,7 @@ One function, read top to bottom: accelerator -> model -> optimizer / schedule -
 -> checkpoint -> evaluate -> export. Runs on CPU, one GPU or many (``accelerate launch``), with mixed precision,
 gradient accumulation and clipping. Flags mirror timm's train.py; SkipNet's own carry the paper's symbols.
 
-Stages (skipnet-reference.md section 3):
+Stages (the paper's Sec. 3, arXiv:1711.09485; ft is ours):
   base  all gates open, cross-entropy: trains the backbone and is the same-recipe ResNet baseline.
   sp    hard gates with straight-through gradients, cross-entropy only.
   rl    gates sampled from Bernoulli(p); loss = mean CE + rl_weight * sum_{b,k} -log pi(a_bk) * G_bk.
@@ -20,13 +20,14 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
+
+from .checkpoints import atomic_write_text, resolve_checkpoint, save_checkpoint
 
 STAGE_POLICY = {'base': 'open', 'sp': 'straight_through', 'rl': 'sample', 'ft': 'greedy'}
 FROZEN_GATE_STAGES = ('base', 'ft')
@@ -43,7 +44,7 @@ class TrainConfig:
     num_classes: Optional[int] = field(default=None, metadata=dict(help='default: from the dataset preset'))
     gate_type: str = field(default='rnn', metadata=dict(help='rnn | ff1 | ff2'))
     reset_gates: bool = field(default=False, metadata=dict(
-        help='re-initialise the gates after loading weights (start sp from a trained base model)'))
+        help='re-initialise the gates after loading weights (start sp or rl from a gates-open backbone)'))
     gate_init_bias: float = field(default=3.0, metadata=dict(
         help='initial gate logit for new / reset gates: 3 = open (p 0.95); near 0 lets sp flip them sooner'))
     # data
@@ -168,53 +169,6 @@ def build_model(cfg: TrainConfig, num_classes: int):
     return model, arch, model_args
 
 
-# ---- checkpoints ---------------------------------------------------------------------------------------------------
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(accelerator, output: str, state: Dict[str, Any], keep: int = 2) -> str:
-    """``save_state`` into a temp dir, then rename: an interrupted save never touches the previous checkpoint."""
-    root = os.path.join(output, 'checkpoints')
-    final = os.path.join(root, f"step_{state['global_step']:07d}")
-    tmp = final + '.tmp'
-    if accelerator.is_main_process:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()  # every rank's RNG file is in tmp before it is renamed
-    if accelerator.is_main_process:
-        with open(os.path.join(tmp, 'trainer_state.json'), 'w') as f:
-            json.dump(state, f, indent=2)
-        if os.path.exists(final):  # re-saving a step: keep the old copy until the new one is in place
-            os.replace(final, final + '.old')
-        os.replace(tmp, final)
-        _atomic_write_text(os.path.join(root, 'latest'), os.path.basename(final))
-        shutil.rmtree(final + '.old', ignore_errors=True)
-        older = sorted(d for d in os.listdir(root) if d.startswith('step_') and d[5:].isdigit()
-                       and int(d[5:]) < state['global_step'])
-        for old in older[:max(0, len(older) - (keep - 1))]:
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def resolve_checkpoint(path: str) -> str:
-    """A checkpoint dir from itself, its ``checkpoints/`` parent or the run's output dir (via ``latest``)."""
-    for root in (path, os.path.join(path, 'checkpoints')):
-        if os.path.exists(os.path.join(root, 'trainer_state.json')):
-            return root
-        latest = os.path.join(root, 'latest')
-        if os.path.exists(latest):
-            with open(latest) as f:
-                return os.path.join(root, f.read().strip())
-    raise FileNotFoundError(f'No checkpoint to resume in {path} (expected trainer_state.json or checkpoints/latest).')
-
-
 # ---- schedule ------------------------------------------------------------------------------------------------------
 def build_scheduler(cfg: TrainConfig, optimizer, total_steps: int, steps_per_epoch: int):
     """timm scheduler counted in optimizer updates, so resuming at any step gives the same learning rate."""
@@ -287,6 +241,17 @@ def build_teacher(cfg: TrainConfig, arch: str, model_args: Dict[str, Any], devic
 
 
 # ---- the run -------------------------------------------------------------------------------------------------------
+# the settings that fix what an update and an epoch are: resuming with others would silently change the schedule
+SCHEDULE_KEYS = ('batch_size', 'grad_accum_steps', 'train_num_samples', 'epochs', 'steps', 'sched', 'lr')
+
+
+def _check_same_schedule(saved: Dict[str, Any], cfg: 'TrainConfig', ckpt: str) -> None:
+    changed = {k: (saved[k], getattr(cfg, k)) for k in SCHEDULE_KEYS if k in saved and saved[k] != getattr(cfg, k)}
+    if changed:
+        diff = ', '.join(f'--{k.replace("_", "-")} {old!r} (now {new!r})' for k, (old, new) in changed.items())
+        raise ValueError(f'{ckpt} was trained with {diff}; resume with the same settings (or start a new --output).')
+
+
 def train(cfg: TrainConfig) -> Dict[str, Any]:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -300,6 +265,10 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 
     if cfg.stage not in STAGE_POLICY:
         raise ValueError(f"--stage must be one of {list(STAGE_POLICY)}, got {cfg.stage!r}.")
+    if cfg.rl_baseline not in ('none', 'batch_mean'):
+        raise ValueError(f"--rl-baseline must be 'none' or 'batch_mean', got {cfg.rl_baseline!r}.")
+    if cfg.amp not in ('no', 'fp16', 'bf16'):
+        raise ValueError(f"--amp must be 'no', 'fp16' or 'bf16', got {cfg.amp!r}.")
     accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.amp, gradient_accumulation_steps=cfg.grad_accum_steps,
                               log_with=cfg.log_with or None, project_dir=cfg.output)
     set_seed(cfg.seed, device_specific=True)  # rank r uses seed + r: independent crops and gate samples
@@ -342,6 +311,10 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             saved = json.load(f)
         if saved['stage'] != cfg.stage:
             raise ValueError(f"{ckpt} is a '{saved['stage']}' checkpoint; resume it with --stage {saved['stage']}.")
+        _check_same_schedule(saved.get('config', {}), cfg, ckpt)
+        if saved.get('num_processes', world) != world:
+            raise ValueError(f"{ckpt} was trained on {saved['num_processes']} process(es), this run has {world}: "
+                             f'resume with the same number (accelerate launch --num_processes).')
         global_step = saved['global_step']
         log.info(f'resumed from {ckpt} at update {global_step}')
     accelerator.init_trackers('skipnet', config={k: str(v) for k, v in dataclasses.asdict(cfg).items()})
@@ -350,7 +323,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 
     def save(final: bool = False) -> str:
         state = dict(global_step=global_step, stage=cfg.stage, arch=arch, model_args=model_args,
-                     config=dataclasses.asdict(cfg), final=final)
+                     config=dataclasses.asdict(cfg), num_processes=world, final=final)
         return save_checkpoint(accelerator, cfg.output, state, cfg.keep_checkpoints)
 
     def evaluate(tag: str) -> Dict[str, Any]:
@@ -360,7 +333,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                             mac_table)
         summary.update(stage=cfg.stage, global_step=global_step, model=arch, model_args=model_args)
         if accelerator.is_main_process:
-            _atomic_write_text(os.path.join(cfg.output, f'eval_{tag}.json'), json.dumps(summary, indent=2))
+            atomic_write_text(os.path.join(cfg.output, f'eval_{tag}.json'), json.dumps(summary, indent=2))
         log.info(f'eval ({tag}, update {global_step}):\n' + format_summary(summary))
         accelerator.log({f'eval/{k}': v for k, v in summary.items() if isinstance(v, (int, float))},
                         step=global_step)
@@ -480,7 +453,7 @@ def main(argv=None) -> Dict[str, Any]:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser('train', help='train a SkipNet stage (base | sp | rl); same flags as examples/finetune.py')
+    p = sub.add_parser('train', help='train a SkipNet stage (base | sp | rl | ft); same flags as examples/finetune.py')
     build_arg_parser(p)
     p.set_defaults(func=lambda args: train(_config_with_yaml(args)))
 
