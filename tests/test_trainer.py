@@ -331,3 +331,16 @@ def test_checkpoint_rotation_keeps_the_newest_and_never_the_one_just_written(tmp
     assert resolve_checkpoint(str(tmp_path)) == latest
     again = save_checkpoint(acc, str(tmp_path), dict(global_step=30, stage='sp'), keep=2)  # re-save one step
     assert again == latest and os.path.exists(os.path.join(again, 'trainer_state.json'))
+
+
+def test_cli_train_takes_a_yaml_config_and_the_flags_given_after_it(cifar10_dir, tmp_path, monkeypatch):
+    from timm_skipnet import cli
+    monkeypatch.setattr(sys, 'argv', ['pytest', 'unrelated', '--host-process-flags'])  # must not be read
+    cfg = tmp_path / 'cfg.yaml'
+    cfg.write_text(f'stage: rl\nalpha: 0.25\ndataset: {cifar10_dir}\nbatch-size: 8\ntrain-num-samples: 64\n'
+                   'eval-num-samples: 16\nlog-every: 1\n')
+    out = tmp_path / 'run'
+    cli.main(['train', '-c', str(cfg), '--steps', '2', '--output', str(out), '--no-export', '--alpha', '0.5'])
+    state = json.loads((out / 'checkpoints' / 'step_0000002' / 'trainer_state.json').read_text())
+    assert (state['stage'], state['config']['alpha'], state['config']['batch_size']) == ('rl', 0.5, 8)
+    assert len(_logged(out)) == 2

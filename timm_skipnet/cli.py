@@ -1,6 +1,7 @@
 """``timm-skipnet`` command line: one subcommand per task, each module adds its own parser."""
 import argparse
 import importlib
+import sys
 
 # modules that define add_parser(subparsers); each may add one or more subcommands
 _MODULES = ('train', 'evaluation', 'bench', 'hub', 'original', 'analysis')
@@ -10,19 +11,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='timm-skipnet', description='SkipNet dynamic-depth ResNets for timm.')
     sub = parser.add_subparsers(dest='command', required=True)
     for name in _MODULES:
-        try:
-            module = importlib.import_module(f'timm_skipnet.{name}')
-        except ModuleNotFoundError as e:
-            if e.name != f'timm_skipnet.{name}':
-                raise
-            continue
-        if hasattr(module, 'add_parser'):
-            module.add_parser(sub)
+        importlib.import_module(f'timm_skipnet.{name}').add_parser(sub)
     return parser
 
 
 def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the subcommand's own argv: `train -c cfg.yaml` parses it again over the YAML defaults
     args.func(args)
 
 

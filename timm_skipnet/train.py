@@ -459,7 +459,6 @@ def add_parser(sub) -> None:
 
 
 def _config_with_yaml(args) -> TrainConfig:
-    if args.config:
-        import sys
-        return parse_config(sys.argv[2:])
+    if args.config:  # the YAML file sets defaults under the flags: parse this subcommand's own arguments again
+        return parse_config(args.argv[1:])
     return config_from_args(args)
