@@ -1,6 +1,7 @@
 """Model cards in timm's layout (Model Details, Usage, Results, Training, Limitations, Citation), filled only from
 the folder's config and a measured evaluation summary."""
 import json
+import math
 import os
 from typing import Dict, Optional
 
@@ -86,13 +87,5 @@ def _num_params(folder: str) -> int:
     with safe_open(path, 'pt') as f:
         for k in f.keys():
             if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked')):
-                total += f.get_slice(k).get_shape().numel() if hasattr(f.get_slice(k).get_shape(), 'numel') else \
-                    _prod(f.get_slice(k).get_shape())
+                total += math.prod(f.get_slice(k).get_shape())
     return total
-
-
-def _prod(shape) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
