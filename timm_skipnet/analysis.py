@@ -435,15 +435,8 @@ def write_report(data: AnalysisData, stats: dict[str, Any], out_dir: str) -> dic
 
 # ---- command line ----------------------------------------------------------------------------------------------------
 def main(args) -> dict[str, Any]:
-    from .data import DataSpec, build_transforms, make_loader
-    spec = DataSpec(args.dataset, image_column=args.image_column, label_column=args.label_column).resolved()
-    split = args.split or spec.eval_split
-    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    from .loading import load_model
-    model = load_model(args.model, args.checkpoint, args.num_classes or spec.num_classes, args.pretrained)
-    model = model.to(device).eval()
-    loader = make_loader(spec, split, build_transforms(model, is_training=False), args.batch_size,
-                         limit=args.max_images or None, workers=args.workers)
+    from .loading import model_and_eval_loader
+    model, loader, spec, split = model_and_eval_loader(args)
     meta = dict(model=args.model, checkpoint=args.checkpoint or None, dataset=args.dataset, split=split)
     data = run_analysis(model, loader, args.scales, read_class_names(spec, split), args.max_images or None,
                         args.grid_size, progress=True, meta=meta)

@@ -103,15 +103,8 @@ def main(args) -> Dict:
     import os
 
     from .accounting import measure_mac_table
-    from .data import DataSpec, build_transforms, make_loader
-    from .loading import load_model
-    spec = DataSpec(args.dataset, image_column=args.image_column, label_column=args.label_column).resolved()
-    split = args.split or spec.eval_split
-    model = load_model(args.model, args.checkpoint, args.num_classes or spec.num_classes, args.pretrained)
-    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    model = model.to(device).eval()
-    loader = make_loader(spec, split, build_transforms(model, is_training=False), args.batch_size,
-                         limit=args.max_images or None, workers=args.workers)
+    from .loading import model_and_eval_loader
+    model, loader, _, split = model_and_eval_loader(args)
     summary = summarize(collect(model, loader, progress=True), measure_mac_table(model))
     summary.update(model=args.model, checkpoint=args.checkpoint or None, dataset=args.dataset, split=split)
     print(format_summary(summary))

@@ -46,3 +46,17 @@ def load_model(name: str, checkpoint: str = '', num_classes: int | None = None, 
     if checkpoint:
         load_weights(model, checkpoint)
     return model
+
+
+def model_and_eval_loader(args):
+    """The shared start of ``timm-skipnet eval`` / ``analyze``: the model on its device in eval mode and a loader of
+    the evaluation split; returns ``(model, loader, spec, split)``."""
+    from .data import DataSpec, build_transforms, make_loader
+    spec = DataSpec(args.dataset, image_column=args.image_column, label_column=args.label_column).resolved()
+    split = args.split or spec.eval_split
+    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    model = load_model(args.model, args.checkpoint, args.num_classes or spec.num_classes, args.pretrained)
+    model = model.to(device).eval()
+    loader = make_loader(spec, split, build_transforms(model, is_training=False), args.batch_size,
+                         limit=args.max_images or None, workers=args.workers)
+    return model, loader, spec, split
