@@ -94,9 +94,8 @@ if [[ $stage == long3_base_ft || $stage == long3_all ]]; then
       --weight-decay 1e-4 --sched cosine --smoothing 0.1 --amp bf16
 fi
 if [[ $stage == long3_rl || $stage == long3_all ]]; then
-  # exactly long2_rl from the better backbone; alpha 0.72 hedges the block count (0.7 ran 12 blocks on long2; 13
-  # blocks would be 28 % fewer MACs, under the 30 % target)
-  for alpha in ${LONG3_ALPHAS:-0.7 0.72}; do
+  # exactly long2_rl (alpha 0.7, 12 blocks there) from the better backbone
+  for alpha in ${LONG3_ALPHAS:-0.7}; do
     run "c10_r38_long3_rl_a${alpha}" --stage rl --initial-checkpoint "$RUNS/c10_r38_long3/model" --epochs 10 \
         --lr 0.01 --weight-decay 1e-4 --sched cosine --reset-gates --gate-init-bias 0 --rl-baseline batch_mean \
         --alpha "$alpha" --rl-warmup-epochs 3 --eval-every-epochs 5 --amp bf16
