@@ -4,9 +4,10 @@ MACs against the baseline and the paper, and measure the CPU wall-clock speed-up
     .venv/bin/python examples/cifar10_report.py --runs runs --data ../shared/data/cifar10/plain
 
 Runs come in families (FAMILIES): a backbone, its same-budget baseline (gates open) and the SkipNet runs trained
-from it. A SkipNet run is a candidate only when the family's baseline trained at least as many epochs (counted over
-the ``--initial-checkpoint`` chain); it is then compared with the family's most accurate gates-open model, backbone
-or baseline, so a baseline that lost accuracy in its last stage never flatters the SkipNet.
+from it. A SkipNet run is a candidate only when a gates-open ResNet-38 of its lineage (one trained from the SkipNet's
+backbone, or the backbone itself) trained at least as many epochs, counted over the ``--initial-checkpoint`` chain.
+Every candidate is compared with the most accurate gates-open ResNet-38 of any family (the strictest reference), so
+neither a baseline that lost accuracy in its last stage nor a weaker family ever flatters the SkipNet.
 Selection rule: among the runs within 0.5 top-1 points of their baseline at >= 30 % fewer MACs, the one with the
 fewest MACs; if none qualifies, the most accurate run with >= 30 % fewer MACs (and the card says the target was
 missed).
@@ -16,6 +17,7 @@ import glob
 import json
 import os
 import platform
+import re
 import time
 
 import timm
@@ -37,13 +39,13 @@ FAMILIES = [
     dict(backbone='c10_r38_long', baseline='c10_r38_long_base_ft',
          skipnets=['c10_r38_long_rl_a*', 'c10_r38_long_ft_a*']),
     dict(backbone='c10_r38_long2', baseline='c10_r38_long2_base_ft',
-         skipnets=['c10_r38_long2_rl_a*', 'c10_r38_long2_kd_a*', 'c10_r38_long2_ft_a*']),
+         skipnets=['c10_r38_long2_rl_a*', 'c10_r38_long2_kd_a*', 'c10_r38_long2_ft_a*', 'c10_r38_long2_kd15*']),
     dict(backbone='c10_r38_long3', baseline='c10_r38_long3_base_ft',
          skipnets=['c10_r38_long3_rl_a*', 'c10_r38_long3_kd_a*']),
 ]
 # the recipe stages (examples/cifar10_skipnet38.sh) that train each backbone's family
 RECIPE_STAGES = {'c10_r38_base': ['all'], 'c10_r38_long': ['base', 'long_all'],
-                 'c10_r38_long2': ['base', 'long', 'long2', 'long2_all'],
+                 'c10_r38_long2': ['base', 'long', 'long2', 'long2_all', 'long2_kd15', 'long3'],
                  'c10_r38_long3': ['base', 'long', 'long2', 'long3', 'long3_all']}
 
 
@@ -83,7 +85,7 @@ def _kind(name: str, family: dict) -> str:
         return 'backbone'
     if name == family['baseline']:
         return 'baseline'
-    return next((k for k in ('kd', 'ft', 'rl') if f'_{k}_a' in name), 'rl')
+    return next((k for k in ('kd', 'ft', 'rl') if re.search(rf'_{k}\d*(ls)?_a', name)), 'rl')
 
 
 # marker and legend text per kind of run; each family gets one colour
@@ -165,6 +167,7 @@ def main():
     p.add_argument('--data', default=os.environ.get('CIFAR10_DIR', '../shared/data/cifar10/plain'))
     p.add_argument('--out', default=f'hub_configs/{TAG}')
     p.add_argument('--assets', default='docs')
+    p.add_argument('--dry-run', action='store_true', help='print the table and the choice; measure and write nothing')
     args = p.parse_args()
     runs = {}  # name -> (eval summary, epochs)
     for family in FAMILIES:
@@ -173,17 +176,20 @@ def main():
             run_dir = os.path.join(args.runs, name)
             summary = _eval(run_dir) if os.path.isdir(run_dir) else None
             if summary is not None:
-                runs[name] = dict(summary=summary, epochs=_epochs(run_dir), family=family)
+                runs[name] = dict(summary=summary, epochs=_epochs(run_dir), family=family,
+                                  lineage={os.path.basename(os.path.normpath(c)) for c in _chain(run_dir)})
+    gates_open = [n for n, r in runs.items() if _kind(n, r['family']) in ('backbone', 'baseline')]
+    reference = max(gates_open, key=lambda n: runs[n]['summary']['top1'])
     candidates = {}
     for name, r in runs.items():
-        family = r['family']
-        if name in (family['backbone'], family['baseline']) or family['baseline'] not in runs:
+        if name in gates_open:
             continue
-        if r['epochs'] <= runs[family['baseline']]['epochs']:  # never compare with a baseline trained for less
-            # the reference is the family's most accurate gates-open model (its backbone can beat the baseline)
-            ref = max((n for n in (family['backbone'], family['baseline']) if n in runs),
-                      key=lambda n: runs[n]['summary']['top1'])
-            candidates[name] = dict(r, baseline=ref, gap=runs[ref]['summary']['top1'] - r['summary']['top1'])
+        same_budget = [n for n in gates_open if runs[n]['epochs'] >= r['epochs']
+                       and r['family']['backbone'] in runs[n]['lineage']]
+        if same_budget:  # never compare with a baseline trained for less
+            shortest = min(same_budget, key=lambda n: runs[n]['epochs'])
+            candidates[name] = dict(r, baseline=reference, same_budget=shortest,
+                                    gap=runs[reference]['summary']['top1'] - r['summary']['top1'])
     if not candidates:
         raise SystemExit('No finished SkipNet run with a finished same-budget baseline yet: run '
                          'examples/cifar10_skipnet38.sh until an rl stage and its baseline end.')
@@ -191,6 +197,11 @@ def main():
     skipping = {k: v for k, v in candidates.items() if v['summary']['macs_reduction_pct'] >= 30} or candidates
     chosen = min(ok, key=lambda k: ok[k]['summary']['macs_mean']) if ok else \
         max(skipping, key=lambda k: skipping[k]['summary']['top1'])
+    if args.dry_run:
+        print_table(runs, candidates, args.runs)
+        print(f"\nwould publish {chosen} ({'meets' if chosen in ok else 'misses'} the target; reference "
+              f"{candidates[chosen]['baseline']}, same-budget baseline {candidates[chosen]['same_budget']})")
+        return
     run_dir = os.path.join(args.runs, chosen)
     base_run = candidates[chosen]['baseline']
     base = runs[base_run]['summary']
@@ -220,14 +231,17 @@ def main():
     chain = _chain(run_dir)
     hours = sum(_wall_time(r) for r in chain) / 3600
     verdict = ('meets the target (>= 30 % fewer MACs within 0.5 points of the reference, the most accurate '
-               'gates-open ResNet-38 of its family)' if chosen in ok else
+               'gates-open ResNet-38 trained by this project)' if chosen in ok else
                'MISSES the target of >= 30 % fewer MACs within 0.5 points of the reference (the most accurate '
-               'gates-open ResNet-38 of its family)')
-    rows = [f"| ResNet-38 {name} ({r['epochs']} epochs, gates open{', the reference' if name == base_run else ''}) "
-            f"| {r['summary']['top1']:.2f} | {r['summary']['macs_full'] / 1e6:.2f} | 0 % | "
-            + (f'{speed[1][1]:.0f} | {speed[256][1]:.0f} |' if name == base_run else '| |')
-            for name, r in runs.items() if name in (r['family']['backbone'], r['family']['baseline'])
-            and r['family'] is candidates[chosen]['family']]
+               'gates-open ResNet-38 trained by this project)')
+    same_budget = candidates[chosen]['same_budget']
+    rows = []
+    for name in dict.fromkeys([base_run, same_budget]):
+        roles = ' and '.join(role for role, n in (('the reference', base_run), ('same-budget baseline', same_budget))
+                             if n == name)
+        rows.append(f"| ResNet-38 {name} ({runs[name]['epochs']} epochs, gates open, {roles}) "
+                    f"| {runs[name]['summary']['top1']:.2f} | {runs[name]['summary']['macs_full'] / 1e6:.2f} | 0 % | "
+                    + (f'{speed[1][1]:.0f} | {speed[256][1]:.0f} |' if name == base_run else '| |'))
     extra = '\n'.join([
         '## Comparison with the same-recipe baseline (measured)', '',
         '| model | top-1 (%) | MMACs / image | MACs reduction | CPU images/s, batch 1 | CPU images/s, batch 256 |',
@@ -259,16 +273,22 @@ def main():
     atomic_write_text(eval_path, json.dumps(s, indent=2))
     export_run(run_dir, args.out, repo_id=REPO, eval_json=eval_path, card_extra=extra)
     print(f'published {chosen} to {args.out}; plot {plot_path}')
-    print('\n| run | epochs | top-1 (%) | MMACs / image | fewer MACs | blocks run (of 18) | train time (this run) |')
-    print('|---|---:|---:|---:|---:|---:|---:|')
+    print_table(runs, candidates, args.runs)
+    print(extra)
+
+
+def print_table(runs, candidates, runs_dir: str) -> None:
+    print('\n| run | epochs | top-1 (%) | MMACs / image | fewer MACs | blocks run (of 18) | gap to reference '
+          '| train time (this run) |')
+    print('|---|---:|---:|---:|---:|---:|---:|---:|')
     for name, r in runs.items():
         s_ = r['summary']
         gates_open = _kind(name, r['family']) in ('backbone', 'baseline')  # run as the plain ResNet: no gate cost
         macs, fewer = (s_['macs_full'], 0.0) if gates_open else (s_['macs_mean'], s_['macs_reduction_pct'])
+        gap = f"{candidates[name]['gap']:.2f}" if name in candidates else ''
         print(f"| {name} | {r['epochs']} | {s_['top1']:.2f} | {macs / 1e6:.2f} | "
-              f"{fewer:.1f} % | {s_['executed_blocks_mean']:.2f} | "
-              f"{_wall_time(os.path.join(args.runs, name)) / 3600:.2f} h |")
-    print(extra)
+              f"{fewer:.1f} % | {s_['executed_blocks_mean']:.2f} | {gap} | "
+              f"{_wall_time(os.path.join(runs_dir, name)) / 3600:.2f} h |")
 
 
 def _first_n_top1(model, batches, n: int) -> float:

@@ -76,6 +76,18 @@ if [[ $stage == long2_rl || $stage == long2_all ]]; then
         --epochs 5 --lr 0.01 --weight-decay 1e-4 --sched cosine --amp bf16
   done
 fi
+if [[ $stage == long2_kd15 ]]; then
+  # the same rl model, distilled ft for 15 epochs instead of 5 (165 epochs in all; the 190-epoch long3 is its
+  # longer-trained gates-open baseline), without and with label smoothing
+  for alpha in ${LONG2_ALPHAS:-0.7}; do
+    KD15=(--stage ft --initial-checkpoint "$RUNS/c10_r38_long2_rl_a${alpha}/model" --distill-from "$RUNS/c10_r38_long2/model"
+          --distill-weight 0.7 --distill-temperature 1 --epochs 15 --lr 0.01 --weight-decay 1e-4 --sched cosine
+          --eval-every-epochs 5 --amp bf16)
+    run "c10_r38_long2_kd15_a${alpha}" "${KD15[@]}" &
+    run "c10_r38_long2_kd15ls_a${alpha}" "${KD15[@]}" --smoothing 0.1 &
+    wait
+  done
+fi
 if [[ $stage == long2_ft ]]; then  # the ablation of the distillation: plain ft of the same rl models
   for alpha in ${LONG2_ALPHAS:-0.7}; do
     run "c10_r38_long2_ft_a${alpha}" --stage ft --initial-checkpoint "$RUNS/c10_r38_long2_rl_a${alpha}/model" \
