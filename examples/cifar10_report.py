@@ -39,7 +39,7 @@ FAMILIES = [
     dict(backbone='c10_r38_long', baseline='c10_r38_long_base_ft',
          skipnets=['c10_r38_long_rl_a*', 'c10_r38_long_ft_a*']),
     dict(backbone='c10_r38_long2', baseline='c10_r38_long2_base_ft',
-         skipnets=['c10_r38_long2_rl_a*', 'c10_r38_long2_kd_a*', 'c10_r38_long2_ft_a*', 'c10_r38_long2_kd15*']),
+         skipnets=['c10_r38_long2_rl_a*', 'c10_r38_long2_kd_a*', 'c10_r38_long2_ft_a*']),
     dict(backbone='c10_r38_long3', baseline='c10_r38_long3_base_ft',
          skipnets=['c10_r38_long3_rl_a*', 'c10_r38_long3_kd_a*']),
 ]
