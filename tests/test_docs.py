@@ -27,8 +27,8 @@ def test_readme_gives_exactly_the_two_setup_commands():
     assert re.search(r'^demo:', makefile, flags=re.M) and re.search(r'^test:', makefile, flags=re.M)
 
 
-# flags the docs name for other programs (accelerate launch, pip)
-_FOREIGN_FLAGS = {'--multi_gpu', '--num_processes', '--upgrade'}
+# flags the docs name for other programs (accelerate launch, pip, examples/cifar10_report.py)
+_FOREIGN_FLAGS = {'--multi_gpu', '--num_processes', '--upgrade', '--dry-run'}
 _DOCS = ('README.md', 'MODEL_CARD.md', 'Makefile', 'examples/cifar10_skipnet38.sh', 'hub_configs/*/README.md')
 
 
