@@ -344,3 +344,44 @@ def test_cli_train_takes_a_yaml_config_and_the_flags_given_after_it(cifar10_dir,
     state = json.loads((out / 'checkpoints' / 'step_0000002' / 'trainer_state.json').read_text())
     assert (state['stage'], state['config']['alpha'], state['config']['batch_size']) == ('rl', 0.5, 8)
     assert len(_logged(out)) == 2
+
+
+def test_model_ema_with_power_one_is_the_plain_average_of_every_update_exported_and_resumed(cifar10_dir, tmp_path):
+    # decay 1 with warmup power 1: decay_k = 1 - 1/k, i.e. the running mean of the weights after updates 1..k (SWA)
+    kw = dict(stage='base', steps=4, lr=0.05, checkpoint_every=1, keep_checkpoints=10, model_ema=True,
+              model_ema_decay=1.0, model_ema_warmup=True, model_ema_warmup_power=1.0)
+    out = tmp_path / 'ema'
+    train(_cfg(cifar10_dir, out, **kw))
+    steps = [load_file(str(out / 'checkpoints' / f'step_{k:07d}' / 'model.safetensors')) for k in range(1, 5)]
+    exported = load_file(str(out / 'model' / 'model.safetensors'))
+    moved = 0
+    for name, value in exported.items():
+        if value.is_floating_point():
+            mean = torch.stack([s[name] for s in steps]).mean(0)
+            torch.testing.assert_close(value, mean, rtol=1e-5, atol=1e-6, msg=name)
+            moved += not torch.equal(value, steps[-1][name])
+    assert moved > 0  # the average really differs from the last weights
+    assert (out / 'eval_base_no_ema.json').exists() and (out / 'eval_base.json').exists()
+
+    # interrupted after update 2 and resumed: the same average
+    split = tmp_path / 'split'
+    train(_cfg(cifar10_dir, split, **dict(kw, steps=4)))
+    for k in (3, 4):
+        import shutil
+        shutil.rmtree(split / 'checkpoints' / f'step_{k:07d}')
+    (split / 'checkpoints' / 'latest').write_text('step_0000002')
+    AcceleratorState._reset_state(True)
+    train(_cfg(cifar10_dir, split, **dict(kw, resume=str(split))))
+    resumed = load_file(str(split / 'model' / 'model.safetensors'))
+    for name, value in exported.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
+    # switching the average off midway would silently drop it: refused with the flag to use
+    AcceleratorState._reset_state(True)
+    with pytest.raises(ValueError, match='resume it with --model-ema'):
+        train(_cfg(cifar10_dir, split, **dict(kw, model_ema=False, resume=str(split))))
+
+
+def test_a_model_ema_that_can_never_move_is_refused(tmp_path):
+    with pytest.raises(ValueError, match='--model-ema-warmup'):
+        train(TrainConfig(stage='base', dataset=str(tmp_path / 'nowhere'), output=str(tmp_path / 'out'),
+                          model_ema=True, model_ema_decay=1.0))

@@ -2,7 +2,7 @@
 import json
 import os
 import shutil
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Optional
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -13,8 +13,10 @@ def atomic_write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(accelerator, output: str, state: Dict[str, Any], keep: int = 2) -> str:
-    """``save_state`` into a temp dir, then rename: an interrupted save never touches the previous checkpoint."""
+def save_checkpoint(accelerator, output: str, state: Dict[str, Any], keep: int = 2,
+                    write_extra: Optional[Callable[[str], None]] = None) -> str:
+    """``save_state`` into a temp dir, then rename: an interrupted save never touches the previous checkpoint.
+    ``write_extra(dir)`` (main process) adds files of the trainer's own, e.g. the EMA weights, before the rename."""
     root = os.path.join(output, 'checkpoints')
     final = os.path.join(root, f"step_{state['global_step']:07d}")
     tmp = final + '.tmp'
@@ -25,6 +27,8 @@ def save_checkpoint(accelerator, output: str, state: Dict[str, Any], keep: int =
     accelerator.save_state(tmp)
     accelerator.wait_for_everyone()  # every rank's RNG file is in tmp before it is renamed
     if accelerator.is_main_process:
+        if write_extra is not None:
+            write_extra(tmp)
         with open(os.path.join(tmp, 'trainer_state.json'), 'w') as f:
             json.dump(state, f, indent=2)
         if os.path.exists(final):  # re-saving a step: keep the old copy until the new one is in place

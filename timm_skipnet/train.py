@@ -90,6 +90,14 @@ class TrainConfig:
     min_lr: float = 0.0
     clip_grad: Optional[float] = None
     smoothing: float = 0.0
+    model_ema: bool = field(default=False, metadata=dict(help=(
+        "keep timm's ModelEmaV3 average of the weights; the final eval and export use it (the raw weights are "
+        "evaluated as eval_<stage>_no_ema.json)")))
+    model_ema_decay: float = field(default=0.9998, metadata=dict(help='EMA decay per update (upper bound with warmup)'))
+    model_ema_warmup: bool = field(default=False, metadata=dict(help=(
+        'decay warmup 1 - (1 + step)^-power; with --model-ema-warmup-power 1 and --model-ema-decay 1 the EMA is '
+        'the plain average of every update (SWA, Izmailov et al., 2018)')))
+    model_ema_warmup_power: float = field(default=2 / 3, metadata=dict(help='power of the decay warmup'))
     amp: str = field(default='no', metadata=dict(help='mixed precision: no | fp16 | bf16'))
     cpu: bool = field(default=False, metadata=dict(help='run on CPU even when a GPU is present'))
     # bookkeeping
@@ -240,6 +248,48 @@ def build_teacher(cfg: TrainConfig, arch: str, model_args: Dict[str, Any], devic
     return teacher.requires_grad_(False).eval().to(device)
 
 
+# ---- weight averaging ----------------------------------------------------------------------------------------------
+EMA_FILE = 'model_ema.safetensors'
+
+
+def check_ema_settings(cfg: TrainConfig) -> None:
+    if not cfg.model_ema:
+        return
+    if not 0.0 < cfg.model_ema_decay <= 1.0 or cfg.model_ema_warmup_power <= 0:
+        raise ValueError(f'--model-ema-decay must be in (0, 1] and --model-ema-warmup-power > 0, got '
+                         f'{cfg.model_ema_decay} and {cfg.model_ema_warmup_power}.')
+    if cfg.model_ema_decay == 1.0 and not cfg.model_ema_warmup:
+        raise ValueError('--model-ema-decay 1 without --model-ema-warmup never moves the average: add '
+                         '--model-ema-warmup (with --model-ema-warmup-power 1 it is the plain average of all updates).')
+
+
+def build_ema(cfg: TrainConfig, model: nn.Module):
+    """timm's ModelEmaV3 of ``model`` (already on its device), or None without ``--model-ema``."""
+    if not cfg.model_ema:
+        return None
+    from timm.utils import ModelEmaV3
+    return ModelEmaV3(model, decay=cfg.model_ema_decay, use_warmup=cfg.model_ema_warmup,
+                      warmup_power=cfg.model_ema_warmup_power)
+
+
+def _save_ema(ema, folder: str) -> None:
+    from safetensors.torch import save_model
+    save_model(ema.module, os.path.join(folder, EMA_FILE))
+
+
+def _load_ema(ema, ckpt: str) -> None:
+    """Restore the average saved beside a checkpoint; a run cannot switch ``--model-ema`` on or off midway."""
+    path = os.path.join(ckpt, EMA_FILE)
+    if ema is None:
+        if os.path.exists(path):
+            raise ValueError(f'{ckpt} was trained with --model-ema: resume it with --model-ema.')
+        return
+    if not os.path.exists(path):
+        raise ValueError(f'{ckpt} has no {EMA_FILE}: it was trained without --model-ema, resume it without.')
+    from safetensors.torch import load_model
+    load_model(ema.module, path, device=str(next(ema.module.parameters()).device))
+
+
 # ---- the run -------------------------------------------------------------------------------------------------------
 # the settings that fix what an update and an epoch are: resuming with others would silently change the schedule
 SCHEDULE_KEYS = ('batch_size', 'grad_accum_steps', 'train_num_samples', 'epochs', 'steps', 'sched', 'lr')
@@ -269,6 +319,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         raise ValueError(f"--rl-baseline must be 'none' or 'batch_mean', got {cfg.rl_baseline!r}.")
     if cfg.amp not in ('no', 'fp16', 'bf16'):
         raise ValueError(f"--amp must be 'no', 'fp16' or 'bf16', got {cfg.amp!r}.")
+    check_ema_settings(cfg)
     accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.amp, gradient_accumulation_steps=cfg.grad_accum_steps,
                               log_with=cfg.log_with or None, project_dir=cfg.output)
     set_seed(cfg.seed, device_specific=True)  # rank r uses seed + r: independent crops and gate samples
@@ -301,6 +352,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                                     momentum=cfg.momentum)
     scheduler = build_scheduler(cfg, optimizer, total_steps, steps_per_epoch)
     model, optimizer = accelerator.prepare(model, optimizer)
+    ema = build_ema(cfg, accelerator.unwrap_model(model, keep_fp32_wrapper=True))
     ce_fn = nn.CrossEntropyLoss(label_smoothing=cfg.smoothing, reduction='none')
 
     global_step = 0
@@ -316,6 +368,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             raise ValueError(f"{ckpt} was trained on {saved['num_processes']} process(es), this run has {world}: "
                              f'resume with the same number (accelerate launch --num_processes).')
         global_step = saved['global_step']
+        _load_ema(ema, ckpt)
         log.info(f'resumed from {ckpt} at update {global_step}')
     accelerator.init_trackers('skipnet', config={k: str(v) for k, v in dataclasses.asdict(cfg).items()})
     log.info(f'{cfg.stage}: {arch} {model_args}, {world} process(es), {steps_per_epoch} updates/epoch, '
@@ -324,13 +377,14 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     def save(final: bool = False) -> str:
         state = dict(global_step=global_step, stage=cfg.stage, arch=arch, model_args=model_args,
                      config=dataclasses.asdict(cfg), num_processes=world, final=final)
-        return save_checkpoint(accelerator, cfg.output, state, cfg.keep_checkpoints)
+        return save_checkpoint(accelerator, cfg.output, state, cfg.keep_checkpoints,
+                               write_extra=None if ema is None else lambda d: _save_ema(ema, d))
 
-    def evaluate(tag: str) -> Dict[str, Any]:
+    def evaluate(tag: str, net=None) -> Dict[str, Any]:
         loader = make_loader(spec, spec.eval_split, eval_tf, cfg.batch_size, rank=accelerator.process_index,
                              world_size=world, limit=_per_rank(spec.eval_num_samples, world))
-        summary = summarize(collect(model, loader, accelerator, progress=accelerator.is_local_main_process),
-                            mac_table)
+        summary = summarize(collect(net if net is not None else model, loader, accelerator,
+                                    progress=accelerator.is_local_main_process), mac_table)
         summary.update(stage=cfg.stage, global_step=global_step, model=arch, model_args=model_args)
         if accelerator.is_main_process:
             atomic_write_text(os.path.join(cfg.output, f'eval_{tag}.json'), json.dumps(summary, indent=2))
@@ -390,6 +444,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                 samples += x.shape[0]
                 window.append({k: v.item() for k, v in out.items()})
             global_step += 1
+            if ema is not None:
+                ema.update(accelerator.unwrap_model(model), step=global_step)
             bar.update(1)
             if global_step % cfg.log_every == 0 or global_step == total_steps:
                 dt = time.perf_counter() - t0
@@ -404,14 +460,20 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                 save()
         if cfg.eval_every_epochs and (epoch + 1) % cfg.eval_every_epochs == 0 and global_step < total_steps:
             evaluate(f'{cfg.stage}_epoch{epoch + 1}')
+            if ema is not None:
+                evaluate(f'{cfg.stage}_ema_epoch{epoch + 1}', ema.module)
             train_mode()
     bar.close()
     if bad_images:
         log.info(f'{bad_images} undecodable training images were skipped')
     ckpt = save(final=True)
-    summary = evaluate(cfg.stage)
+    if ema is None:
+        summary, final_net = evaluate(cfg.stage), accelerator.unwrap_model(model)
+    else:  # the average is what the run delivers; the raw weights are kept for comparison
+        evaluate(f'{cfg.stage}_no_ema')
+        summary, final_net = evaluate(cfg.stage, ema.module), ema.module
     if cfg.export and accelerator.is_main_process:
-        folder = export_folder(accelerator.unwrap_model(model), os.path.join(cfg.output, 'model'), model_args,
+        folder = export_folder(final_net, os.path.join(cfg.output, 'model'), model_args,
                                eval_summary=summary, train_config=dataclasses.asdict(cfg))
         log.info(f'exported {folder} (reload: timm.create_model("local-dir:{os.path.abspath(folder)}"))')
     accelerator.wait_for_everyone()
