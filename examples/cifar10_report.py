@@ -35,17 +35,17 @@ PAPER_POINTS = [(0.60, 92.75), (0.79, 93.05), (1.26, 93.30), (1.44, 93.68)]
 PAPER_R38 = (0.833, 92.50)
 # backbone run, its same-budget baseline (gates open), and the SkipNet runs trained from the backbone
 FAMILIES = [
-    dict(backbone='c10_r38_base', baseline='c10_r38_base_ft', skipnets=['c10_r38_rl_a*', 'c10_r38_ft_a*']),
-    dict(backbone='c10_r38_long', baseline='c10_r38_long_base_ft',
+    dict(backbone='c10_r38_base', baselines=['c10_r38_base_ft'], skipnets=['c10_r38_rl_a*', 'c10_r38_ft_a*']),
+    dict(backbone='c10_r38_long', baselines=['c10_r38_long_base_ft'],
          skipnets=['c10_r38_long_rl_a*', 'c10_r38_long_ft_a*']),
-    dict(backbone='c10_r38_long2', baseline='c10_r38_long2_base_ft',
-         skipnets=['c10_r38_long2_rl_a*', 'c10_r38_long2_kd_a*', 'c10_r38_long2_ft_a*']),
-    dict(backbone='c10_r38_long3', baseline='c10_r38_long3_base_ft',
+    dict(backbone='c10_r38_long2', baselines=['c10_r38_long2_base_ft', 'c10_r38_long2_swa'],
+         skipnets=['c10_r38_long2_rl_a*', 'c10_r38_long2_kd_a*', 'c10_r38_long2_ft_a*', 'c10_r38_long2_kdswa_a*']),
+    dict(backbone='c10_r38_long3', baselines=['c10_r38_long3_base_ft'],
          skipnets=['c10_r38_long3_rl_a*', 'c10_r38_long3_kd_a*']),
 ]
 # the recipe stages (examples/cifar10_skipnet38.sh) that train each backbone's family
 RECIPE_STAGES = {'c10_r38_base': ['all'], 'c10_r38_long': ['base', 'long_all'],
-                 'c10_r38_long2': ['base', 'long', 'long2', 'long2_all', 'long2_kd15', 'long3'],
+                 'c10_r38_long2': ['base', 'long', 'long2', 'long2_all', 'long2_kd15', 'long2_swa', 'long3'],
                  'c10_r38_long3': ['base', 'long', 'long2', 'long3', 'long3_all']}
 
 
@@ -83,9 +83,9 @@ def _throughput(model, batches, batch_size: int, max_images: int) -> float:
 def _kind(name: str, family: dict) -> str:
     if name == family['backbone']:
         return 'backbone'
-    if name == family['baseline']:
+    if name in family['baselines']:
         return 'baseline'
-    return next((k for k in ('kd', 'ft', 'rl') if re.search(rf'_{k}\d*(ls)?_a', name)), 'rl')
+    return next((k for k in ('kd', 'ft', 'rl') if re.search(rf'_{k}(\d+|ls|swa)*_a', name)), 'rl')
 
 
 # marker and legend text per kind of run; each family gets one colour
@@ -157,7 +157,7 @@ def _epochs(run_dir: str) -> int:
 
 def _eval(run_dir: str):
     files = glob.glob(os.path.join(run_dir, 'eval_*.json'))
-    final = [f for f in files if '_epoch' not in f and not f.endswith('eval_published.json')]
+    final = [f for f in files if '_epoch' not in f and not f.endswith(('eval_published.json', '_no_ema.json'))]
     return _load(final[0]) if len(final) == 1 else None
 
 
@@ -171,7 +171,7 @@ def main():
     args = p.parse_args()
     runs = {}  # name -> (eval summary, epochs)
     for family in FAMILIES:
-        for name in [family['backbone'], family['baseline']] + sorted(
+        for name in [family['backbone'], *family['baselines']] + sorted(
                 os.path.basename(d) for g in family['skipnets'] for d in glob.glob(os.path.join(args.runs, g))):
             run_dir = os.path.join(args.runs, name)
             summary = _eval(run_dir) if os.path.isdir(run_dir) else None
