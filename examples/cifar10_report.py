@@ -38,7 +38,7 @@ FAMILIES = [
     dict(backbone='c10_r38_base', baselines=['c10_r38_base_ft'], skipnets=['c10_r38_rl_a*', 'c10_r38_ft_a*']),
     dict(backbone='c10_r38_long', baselines=['c10_r38_long_base_ft'],
          skipnets=['c10_r38_long_rl_a*', 'c10_r38_long_ft_a*']),
-    dict(backbone='c10_r38_long2', baselines=['c10_r38_long2_base_ft', 'c10_r38_long2_swa'],
+    dict(backbone='c10_r38_long2', baselines=['c10_r38_long2_base_ft', 'c10_r38_long2_swa', 'c10_r38_long2_swa25'],
          skipnets=['c10_r38_long2_rl_a*', 'c10_r38_long2_kd_a*', 'c10_r38_long2_ft_a*', 'c10_r38_long2_kdswa_a*']),
     dict(backbone='c10_r38_long3', baselines=['c10_r38_long3_base_ft'],
          skipnets=['c10_r38_long3_rl_a*', 'c10_r38_long3_kd_a*']),

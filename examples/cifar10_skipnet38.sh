@@ -91,13 +91,16 @@ fi
 if [[ $stage == long2_swa ]]; then
   # weight averaging (SWA: --model-ema with decay 1 and warm-up power 1 = the plain mean of every update's weights)
   # over 15 epochs at a constant lr 0.01, for both sides at the same budget (165 epochs):
-  #   long2_swa         gates open from the 140-epoch backbone (its recipe: wd 5e-4, smoothing 0.1)
+  #   long2_swa(25)     gates open from the 140-epoch backbone (its recipe: wd 5e-4, smoothing 0.1), 15 / 25 epochs
   #   long2_kdswa_a*    the distilled ft of long2_kd_a* (15 epochs instead of 5), averaged the same way, with the
   #                     averaged ResNet-38 (long2_swa, the most accurate gates-open network of the lineage) as teacher
   SWA=(--sched none --lr 0.01 --epochs 15 --model-ema --model-ema-decay 1 --model-ema-warmup --model-ema-warmup-power 1
        --eval-every-epochs 5 --amp bf16)
   run c10_r38_long2_swa --stage base --initial-checkpoint "$RUNS/c10_r38_long2/model" --weight-decay 5e-4 \
       --smoothing 0.1 "${SWA[@]}"
+  # the same averaged over 25 epochs: 165 epochs in all, exactly the SkipNet's budget (140 + rl 10 + ft 15)
+  run c10_r38_long2_swa25 --stage base --initial-checkpoint "$RUNS/c10_r38_long2/model" --weight-decay 5e-4 \
+      --smoothing 0.1 "${SWA[@]}" --epochs 25
   for alpha in ${LONG2_ALPHAS:-0.7}; do
     run "c10_r38_long2_kdswa_a${alpha}" --stage ft --initial-checkpoint "$RUNS/c10_r38_long2_rl_a${alpha}/model" \
         --distill-from "$RUNS/c10_r38_long2_swa/model" --distill-weight 0.7 --distill-temperature 1 \
