@@ -253,9 +253,7 @@ def main():
         f"{s['macs_reduction_pct']:.1f} % | {speed[1][0]:.0f} | {speed[256][0]:.0f} |", '',
         f'Wall-clock speed-up over the baseline on the CIFAR-10 test images (real skipping, CPU, '
         f'{torch.get_num_threads()} threads): {speed[1][0] / speed[1][1]:.2f}x at batch 1 (first 1,000 images), '
-        f'{speed[256][0] / speed[256][1]:.2f}x at batch 256 (10,000 images); medians of 3 interleaved rounds. At '
-        f'batch 1 the 17 RNN gates (pooling, a linear layer and an LSTM cell each, tiny ops dominated by per-call '
-        f'overhead on a CPU) cost about as much time as the skipped blocks save on this small network.',
+        f'{speed[256][0] / speed[256][1]:.2f}x at batch 256 (10,000 images); medians of 3 interleaved rounds.',
         f'This model {verdict}. Top-1 on the first 1,000 test images: {first_1000:.2f} %.', '',
         '## Reproduce', '', '```bash',
         *[f'CIFAR10_DIR=../shared/data/cifar10/plain bash examples/cifar10_skipnet38.sh {stage}'
