@@ -109,13 +109,18 @@ def plot(points, path, published=None):
     colours = dict(zip(families, plt.rcParams['axes.prop_cycle'].by_key()['color']))
     for family, kind, name, macs, top1 in points:
         marker = KIND_STYLE[kind][0]
-        ax.plot(macs / 1e8, top1, marker, color=colours[family], ms=13 if marker == '*' else 8, alpha=0.9)
+        averaged = 'swa' in name  # weight-averaged runs (--model-ema as SWA): black edge
+        ax.plot(macs / 1e8, top1, marker, color=colours[family], ms=13 if marker == '*' else 8, alpha=0.9,
+                mec='black' if averaged else colours[family], mew=1.2 if averaged else 1.0)
         if name == published:
             ax.plot(macs / 1e8, top1, 'o', mfc='none', mec='black', ms=20, mew=1.5)
-            ax.annotate('published', (macs / 1e8, top1), xytext=(12, -18), textcoords='offset points', fontsize=9)
+            ax.annotate('published', (macs / 1e8, top1), xytext=(-70, 8), textcoords='offset points', fontsize=9)
     handles = [Line2D([], [], ls='--', marker='o', color='gray', label='SkipNet paper, HRL (R-38/74/110, lossless)'),
                Line2D([], [], ls='', marker='s', mfc='none', color='gray', label='paper ResNet-38')]
     handles += [Line2D([], [], ls='', marker='o', color=colours[f], label=f) for f in families]
+    if any('swa' in p[2] for p in points):
+        handles.append(Line2D([], [], ls='', marker='o', color='white', mec='black', mew=1.2,
+                              label='black edge: weights averaged (SWA)'))
     kinds = list(dict.fromkeys(p[1] for p in points))
     handles += [Line2D([], [], ls='', marker=KIND_STYLE[k][0], color='black', mfc='white', ms=10 if k == 'kd' else 7,
                        label=KIND_STYLE[k][1]) for k in kinds]
