@@ -362,6 +362,11 @@ def test_model_ema_with_power_one_is_the_plain_average_of_every_update_exported_
             moved += not torch.equal(value, steps[-1][name])
     assert moved > 0  # the average really differs from the last weights
     assert (out / 'eval_base_no_ema.json').exists() and (out / 'eval_base.json').exists()
+    # `timm-skipnet export <run>` publishes the average too, never the raw weights of the last checkpoint
+    from timm_skipnet.hub import export_run
+    republished = load_file(os.path.join(export_run(str(out), str(tmp_path / 'hub')), 'model.safetensors'))
+    for name, value in exported.items():
+        torch.testing.assert_close(republished[name], value, rtol=0, atol=0, msg=name)
 
     # interrupted after update 2 and resumed: the same average
     split = tmp_path / 'split'

@@ -4,6 +4,8 @@ import os
 import shutil
 from typing import Any, Callable, Dict, Optional
 
+EMA_FILE = 'model_ema.safetensors'  # the trainer's weight average (--model-ema), beside a checkpoint's model weights
+
 
 def atomic_write_text(path: str, text: str) -> None:
     """Write to a temp file, then rename: readers see the old or the new file, never half of one."""

@@ -21,7 +21,7 @@ def _read_json(path: str) -> Dict:
 
 def find_run_files(run_or_checkpoint: str) -> Dict[str, Optional[str]]:
     """Locate the weights, trainer state and evaluation JSON of a run dir, a checkpoint dir or an exported folder."""
-    from .checkpoints import resolve_checkpoint
+    from .checkpoints import EMA_FILE, resolve_checkpoint
     path = os.path.abspath(run_or_checkpoint)
     if os.path.exists(os.path.join(path, 'config.json')) and os.path.exists(os.path.join(path, 'model.safetensors')):
         evals = os.path.join(path, 'eval_results.json')
@@ -32,7 +32,10 @@ def find_run_files(run_or_checkpoint: str) -> Dict[str, Optional[str]]:
     stage = _read_json(state)['stage']
     run_dir = os.path.dirname(os.path.dirname(ckpt))
     evals = os.path.join(run_dir, f'eval_{stage}.json')
-    return dict(weights=os.path.join(ckpt, 'model.safetensors'), state=state, config=None,
+    # a run trained with --model-ema delivers (exports, evaluates as eval_<stage>.json) the average, not the raw weights
+    ema = os.path.join(ckpt, EMA_FILE)
+    weights = ema if os.path.exists(ema) else os.path.join(ckpt, 'model.safetensors')
+    return dict(weights=weights, state=state, config=None,
                 eval=evals if os.path.exists(evals) else None)
 
 

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from .checkpoints import atomic_write_text, resolve_checkpoint, save_checkpoint
+from .checkpoints import EMA_FILE, atomic_write_text, resolve_checkpoint, save_checkpoint
 
 STAGE_POLICY = {'base': 'open', 'sp': 'straight_through', 'rl': 'sample', 'ft': 'greedy'}
 FROZEN_GATE_STAGES = ('base', 'ft')
@@ -249,9 +249,6 @@ def build_teacher(cfg: TrainConfig, arch: str, model_args: Dict[str, Any], devic
 
 
 # ---- weight averaging ----------------------------------------------------------------------------------------------
-EMA_FILE = 'model_ema.safetensors'
-
-
 def check_ema_settings(cfg: TrainConfig) -> None:
     if not cfg.model_ema:
         return
