@@ -39,6 +39,21 @@ run() {  # run <name> <args...>: skip when finished, resume when a checkpoint ex
   echo "[$name] $(date -u +%FT%TZ) end" >> "$out/wall_time.log"
 }
 
+extend() {  # extend <short> <long>: start run c10_r38_<long> from the last checkpoint of the finished c10_r38_<short>
+  local src="$RUNS/c10_r38_$1" dst="$RUNS/c10_r38_$2"
+  [ -e "$dst/checkpoints/latest" ] && return
+  local last; last=$(cat "$src/checkpoints/latest")
+  mkdir -p "$dst/checkpoints.tmp"
+  cp -r "$src/checkpoints/$last" "$dst/checkpoints.tmp/"
+  echo "$last" > "$dst/checkpoints.tmp/latest"
+  cp "$src/log.jsonl" "$src/wall_time.log" "$dst/"
+  mv "$dst/checkpoints.tmp" "$dst/checkpoints"
+}
+
+# weight averaging (SWA: --model-ema with decay 1 and warm-up power 1 = the plain mean of every update's weights)
+SWA=(--sched none --lr 0.01 --epochs 15 --model-ema --model-ema-decay 1 --model-ema-warmup --model-ema-warmup-power 1
+     --eval-every-epochs 5 --amp bf16)
+
 stage=${1:-all}
 if [[ $stage == base || $stage == all ]]; then
   run c10_r38_base --stage base --epochs 50 --lr 0.1 --weight-decay 5e-4 --sched cosine --warmup-epochs 1 \
@@ -89,13 +104,10 @@ if [[ $stage == long2_kd15 ]]; then
   done
 fi
 if [[ $stage == long2_swa ]]; then
-  # weight averaging (SWA: --model-ema with decay 1 and warm-up power 1 = the plain mean of every update's weights)
-  # over 15 epochs at a constant lr 0.01, for both sides at the same budget (165 epochs):
+  # weight averaging (SWA, defined above) over 15 epochs at a constant lr 0.01, for both sides at the same budget (165 epochs):
   #   long2_swa(25)     gates open from the 140-epoch backbone (its recipe: wd 5e-4, smoothing 0.1), 15 / 25 epochs
   #   long2_kdswa_a*    the distilled ft of long2_kd_a* (15 epochs instead of 5), averaged the same way, with the
   #                     averaged ResNet-38 (long2_swa, the most accurate gates-open network of the lineage) as teacher
-  SWA=(--sched none --lr 0.01 --epochs 15 --model-ema --model-ema-decay 1 --model-ema-warmup --model-ema-warmup-power 1
-       --eval-every-epochs 5 --amp bf16)
   run c10_r38_long2_swa --stage base --initial-checkpoint "$RUNS/c10_r38_long2/model" --weight-decay 5e-4 \
       --smoothing 0.1 "${SWA[@]}"
   # the same averaged over 25 epochs: 165 epochs in all, exactly the SkipNet's budget (140 + rl 10 + ft 15)
@@ -106,6 +118,20 @@ if [[ $stage == long2_swa ]]; then
         --distill-from "$RUNS/c10_r38_long2_swa/model" --distill-weight 0.7 --distill-temperature 1 \
         --weight-decay 1e-4 "${SWA[@]}"
   done
+fi
+if [[ $stage == long2_swa_ext ]]; then
+  # both sides of long2_swa averaged 10 epochs longer (175 epochs in all): long2_swa35 and long2_kdswa25_a*. At a
+  # constant lr a run's length changes nothing before its end, so each continues the shorter run's last checkpoint
+  # (resuming with more --epochs is allowed for --sched none and is bit-identical to the longer run from the start)
+  for alpha in ${LONG2_ALPHAS:-0.7}; do
+    extend "long2_kdswa_a${alpha}" "long2_kdswa25_a${alpha}"
+    run "c10_r38_long2_kdswa25_a${alpha}" --stage ft --initial-checkpoint "$RUNS/c10_r38_long2_rl_a${alpha}/model" \
+        --distill-from "$RUNS/c10_r38_long2_swa/model" --distill-weight 0.7 --distill-temperature 1 \
+        --weight-decay 1e-4 "${SWA[@]}" --epochs 25
+  done
+  extend long2_swa25 long2_swa35
+  run c10_r38_long2_swa35 --stage base --initial-checkpoint "$RUNS/c10_r38_long2/model" --weight-decay 5e-4 \
+      --smoothing 0.1 "${SWA[@]}" --epochs 35
 fi
 if [[ $stage == long2_ft ]]; then  # the ablation of the distillation: plain ft of the same rl models
   for alpha in ${LONG2_ALPHAS:-0.7}; do

@@ -390,3 +390,28 @@ def test_a_model_ema_that_can_never_move_is_refused(tmp_path):
     with pytest.raises(ValueError, match='--model-ema-warmup'):
         train(TrainConfig(stage='base', dataset=str(tmp_path / 'nowhere'), output=str(tmp_path / 'out'),
                           model_ema=True, model_ema_decay=1.0))
+
+
+def test_a_finished_constant_lr_run_extended_equals_the_longer_run_and_a_cosine_one_is_refused(cifar10_dir, tmp_path):
+    # at --sched none nothing depends on the run's length, so 3 updates then "resume with --steps 6" must give the
+    # 6-update run exactly, weight average included (how long2_swa35 continues long2_swa25)
+    kw = dict(stage='base', sched='none', lr=0.05, model_ema=True, model_ema_decay=1.0, model_ema_warmup=True,
+              model_ema_warmup_power=1.0)
+    train(_cfg(cifar10_dir, tmp_path / 'long', **dict(kw, steps=6)))
+    AcceleratorState._reset_state(True)
+    train(_cfg(cifar10_dir, tmp_path / 'short', **dict(kw, steps=3)))
+    AcceleratorState._reset_state(True)
+    train(_cfg(cifar10_dir, tmp_path / 'short', **dict(kw, steps=6, resume=str(tmp_path / 'short'))))
+    for folder in ('model', 'checkpoints/step_0000006'):
+        a = load_file(str(tmp_path / 'long' / folder / 'model.safetensors'))
+        b = load_file(str(tmp_path / 'short' / folder / 'model.safetensors'))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (folder, k)
+    # under a decaying schedule the first updates depend on the length: extending would not be the longer run
+    kw = dict(stage='base', sched='cosine', lr=0.05, export=False)
+    AcceleratorState._reset_state(True)
+    train(_cfg(cifar10_dir, tmp_path / 'cos', **dict(kw, steps=3)))
+    AcceleratorState._reset_state(True)
+    with pytest.raises(ValueError, match=r'--steps 3 \(now 6\)'):
+        train(_cfg(cifar10_dir, tmp_path / 'cos', **dict(kw, steps=6, resume=str(tmp_path / 'cos'))))

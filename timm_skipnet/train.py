@@ -292,8 +292,14 @@ def _load_ema(ema, ckpt: str) -> None:
 SCHEDULE_KEYS = ('batch_size', 'grad_accum_steps', 'train_num_samples', 'epochs', 'steps', 'sched', 'lr')
 
 
+# at a constant learning rate (--sched none) nothing depends on the run's length: a finished run may be extended
+EXTENDABLE_KEYS = ('epochs', 'steps')
+
+
 def _check_same_schedule(saved: Dict[str, Any], cfg: 'TrainConfig', ckpt: str) -> None:
     changed = {k: (saved[k], getattr(cfg, k)) for k in SCHEDULE_KEYS if k in saved and saved[k] != getattr(cfg, k)}
+    if cfg.sched == 'none' and saved.get('sched') == 'none':
+        changed = {k: v for k, v in changed.items() if k not in EXTENDABLE_KEYS}
     if changed:
         diff = ', '.join(f'--{k.replace("_", "-")} {old!r} (now {new!r})' for k, (old, new) in changed.items())
         raise ValueError(f'{ckpt} was trained with {diff}; resume with the same settings (or start a new --output).')
