@@ -13,6 +13,7 @@
 #   long2             +50 epochs second warm restart of long, label smoothing 0.1  -> the 140-epoch backbone
 #   long2_base_ft     +15 epochs, gates open                  -> its same-budget ResNet-38 baseline
 #   long2_rl_a* / long2_kd_a*  +10 epochs rl, then +5 epochs ft distilled from the 140-epoch backbone
+#   long2_swa (swa, swa25, kdswa_a*)  SWA weight averaging of both sides at 165 epochs; long2_swa_ext: at 175
 # The long3 family (stages long3, then long3_all = long3_base_ft + long3_rl):
 #   long3             +50 epochs third warm restart of long2, label smoothing 0.1  -> the 190-epoch backbone
 #   long3_base_ft     +15 epochs, gates open, label smoothing 0.1  -> its same-budget ResNet-38 baseline
