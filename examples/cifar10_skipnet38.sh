@@ -13,7 +13,8 @@
 #   long2             +50 epochs second warm restart of long, label smoothing 0.1  -> the 140-epoch backbone
 #   long2_base_ft     +15 epochs, gates open                  -> its same-budget ResNet-38 baseline
 #   long2_rl_a* / long2_kd_a*  +10 epochs rl, then +5 epochs ft distilled from the 140-epoch backbone
-#   long2_swa (swa, swa25, kdswa_a*)  SWA weight averaging of both sides at 165 epochs; long2_swa_ext: at 175
+#   long2_swa (swa, swa25, kdswa_a*)  SWA weight averaging of both sides at 165 epochs; long2_swa_ext: at 175;
+#   long2_kdswawd: kdswa with the ResNet-38's SWA weight decay
 # The long3 family (stages long3, then long3_all = long3_base_ft + long3_rl):
 #   long3             +50 epochs third warm restart of long2, label smoothing 0.1  -> the 190-epoch backbone
 #   long3_base_ft     +15 epochs, gates open, label smoothing 0.1  -> its same-budget ResNet-38 baseline
@@ -133,6 +134,15 @@ if [[ $stage == long2_swa_ext ]]; then
   extend long2_swa25 long2_swa35
   run c10_r38_long2_swa35 --stage base --initial-checkpoint "$RUNS/c10_r38_long2/model" --weight-decay 5e-4 \
       --smoothing 0.1 "${SWA[@]}" --epochs 35
+fi
+if [[ $stage == long2_kdswawd ]]; then
+  # long2_kdswa_a* with the ResNet-38's SWA weight decay (5e-4 instead of 1e-4): with BatchNorm a larger decay is a
+  # larger effective step, so the averaged iterates are more diverse (165 epochs, baseline long2_swa25)
+  for alpha in ${LONG2_ALPHAS:-0.7}; do
+    run "c10_r38_long2_kdswawd_a${alpha}" --stage ft --initial-checkpoint "$RUNS/c10_r38_long2_rl_a${alpha}/model" \
+        --distill-from "$RUNS/c10_r38_long2_swa/model" --distill-weight 0.7 --distill-temperature 1 \
+        --weight-decay 5e-4 "${SWA[@]}"
+  done
 fi
 if [[ $stage == long2_ft ]]; then  # the ablation of the distillation: plain ft of the same rl models
   for alpha in ${LONG2_ALPHAS:-0.7}; do
