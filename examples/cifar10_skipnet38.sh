@@ -14,7 +14,7 @@
 #   long2_base_ft     +15 epochs, gates open                  -> its same-budget ResNet-38 baseline
 #   long2_rl_a* / long2_kd_a*  +10 epochs rl, then +5 epochs ft distilled from the 140-epoch backbone
 #   long2_swa (swa, swa25, kdswa_a*)  SWA weight averaging of both sides at 165 epochs; long2_swa_ext: at 175;
-#   long2_kdswawd: kdswa with the ResNet-38's SWA weight decay
+#   long2_kdswawd: kdswa with the ResNet-38's SWA weight decay; long2_kdswat25: kdswa with the 90.67 % teacher
 # The long3 family (stages long3, then long3_all = long3_base_ft + long3_rl):
 #   long3             +50 epochs third warm restart of long2, label smoothing 0.1  -> the 190-epoch backbone
 #   long3_base_ft     +15 epochs, gates open, label smoothing 0.1  -> its same-budget ResNet-38 baseline
@@ -142,6 +142,14 @@ if [[ $stage == long2_kdswawd ]]; then
     run "c10_r38_long2_kdswawd_a${alpha}" --stage ft --initial-checkpoint "$RUNS/c10_r38_long2_rl_a${alpha}/model" \
         --distill-from "$RUNS/c10_r38_long2_swa/model" --distill-weight 0.7 --distill-temperature 1 \
         --weight-decay 5e-4 "${SWA[@]}"
+  done
+fi
+if [[ $stage == long2_kdswat25 ]]; then
+  # long2_kdswa_a* distilled from the 25-epoch average (90.67 %) instead of the 15-epoch one (90.49 %)
+  for alpha in ${LONG2_ALPHAS:-0.7}; do
+    run "c10_r38_long2_kdswat25_a${alpha}" --stage ft --initial-checkpoint "$RUNS/c10_r38_long2_rl_a${alpha}/model" \
+        --distill-from "$RUNS/c10_r38_long2_swa25/model" --distill-weight 0.7 --distill-temperature 1 \
+        --weight-decay 1e-4 "${SWA[@]}"
   done
 fi
 if [[ $stage == long2_ft ]]; then  # the ablation of the distillation: plain ft of the same rl models
