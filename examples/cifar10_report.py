@@ -18,13 +18,12 @@ import json
 import os
 import platform
 import re
-import statistics
-import time
 
 import timm
 import torch
 
 import timm_skipnet  # noqa: F401
+from timm_skipnet.bench import speedup_on_images
 from timm_skipnet.checkpoints import atomic_write_text
 from timm_skipnet.data import DataSpec, build_transforms, make_loader
 from timm_skipnet.hub import export_run
@@ -73,16 +72,6 @@ def _wall_time(run_dir: str) -> float:
 def _images(data: str, n: int, model):
     loader = make_loader(DataSpec(data), 'test', build_transforms(model, False), 256, limit=n)
     return [(x, y) for x, y, _ in loader]
-
-
-@torch.inference_mode()
-def _throughput(model, batches, batch_size: int, max_images: int) -> float:
-    xs = torch.cat([x for x, _ in batches])[:max_images]
-    model(xs[:batch_size])  # warm-up
-    t0 = time.perf_counter()
-    for i in range(0, len(xs), batch_size):
-        model(xs[i:i + batch_size])
-    return len(xs) / (time.perf_counter() - t0)
 
 
 def _kind(name: str, family: dict) -> str:
@@ -220,11 +209,8 @@ def main():
     baseline = timm.create_model(f'local-dir:{os.path.abspath(args.runs)}/{base_run}/model', pretrained=True).eval()
     baseline.set_gate_policy('open')  # = the plain ResNet-38: no gate is computed
     batches = _images(args.data, 10_000, model)
-    speed = {}
-    for bs, n in ((1, 1000), (256, 10_000)):
-        # interleaved rounds, median: a single pass of each is at the mercy of whatever else the CPU does
-        rounds = [(_throughput(model, batches, bs, n), _throughput(baseline, batches, bs, n)) for _ in range(3)]
-        speed[bs] = tuple(statistics.median(r[i] for r in rounds) for i in (0, 1))
+    measured = speedup_on_images(model, baseline, torch.cat([x for x, _ in batches]))
+    speed = {bs: (m['model_img_per_s'], m['baseline_img_per_s']) for bs, m in measured.items()}
     first_1000 = _first_n_top1(model, batches, 1000)
 
     points = []

@@ -26,7 +26,10 @@ cd "$(dirname "$0")/.."
 DATA=${CIFAR10_DIR:-../shared/data/cifar10/plain}
 RUNS=${RUNS:-runs}
 PY=${PYTHON:-.venv/bin/python}
-COMMON=(--model skipnet_resnet38_cifar --dataset "$DATA" --batch-size 128 --checkpoint-every 390 --log-every 50 --seed 0)
+# TRAIN_EXTRA: extra trainer flags for this machine (e.g. "--workers 4" on a GPU host); none change the recipe
+# shellcheck disable=SC2206
+COMMON=(--model skipnet_resnet38_cifar --dataset "$DATA" --batch-size 128 --checkpoint-every 390 --log-every 50 --seed 0
+        ${TRAIN_EXTRA:-})
 FINETUNE=(--initial-checkpoint "$RUNS/c10_r38_base/model" --epochs 10 --lr 0.01 --weight-decay 1e-4 --sched cosine)
 
 run() {  # run <name> <args...>: skip when finished, resume when a checkpoint exists
@@ -55,6 +58,18 @@ extend() {  # extend <short> <long>: start run c10_r38_<long> from the last chec
 # weight averaging (SWA: --model-ema with decay 1 and warm-up power 1 = the plain mean of every update's weights)
 SWA=(--sched none --lr 0.01 --epochs 15 --model-ema --model-ema-decay 1 --model-ema-warmup --model-ema-warmup-power 1
      --eval-every-epochs 5 --amp bf16)
+
+long2_rl() {  # long2_rl <alpha>: rl from the 140-epoch backbone, fresh gates at p = 0.5, 3-epoch REINFORCE warm-up
+  run "c10_r38_long2_rl_a$1" --stage rl --initial-checkpoint "$RUNS/c10_r38_long2/model" --epochs 10 \
+      --lr 0.01 --weight-decay 1e-4 --sched cosine --reset-gates --gate-init-bias 0 --rl-baseline batch_mean \
+      --alpha "$1" --rl-warmup-epochs 3 --eval-every-epochs 5 --amp bf16
+}
+
+long2_kdswa() {  # long2_kdswa <alpha>: 15 epochs of ft distilled from long2_swa, averaged by SWA
+  run "c10_r38_long2_kdswa_a$1" --stage ft --initial-checkpoint "$RUNS/c10_r38_long2_rl_a$1/model" \
+      --distill-from "$RUNS/c10_r38_long2_swa/model" --distill-weight 0.7 --distill-temperature 1 \
+      --weight-decay 1e-4 "${SWA[@]}"
+}
 
 stage=${1:-all}
 if [[ $stage == base || $stage == all ]]; then
@@ -85,9 +100,7 @@ if [[ $stage == long2_rl || $stage == long2_all ]]; then
   # rl from the 140-epoch backbone as in long_rl, then ft distilled from that backbone (gates open). The teacher was
   # trained with label smoothing, whose logits carry little beyond the label at high temperature: T = 1
   for alpha in ${LONG2_ALPHAS:-0.7 0.65}; do
-    run "c10_r38_long2_rl_a${alpha}" --stage rl --initial-checkpoint "$RUNS/c10_r38_long2/model" --epochs 10 \
-        --lr 0.01 --weight-decay 1e-4 --sched cosine --reset-gates --gate-init-bias 0 --rl-baseline batch_mean \
-        --alpha "$alpha" --rl-warmup-epochs 3 --eval-every-epochs 5 --amp bf16
+    long2_rl "$alpha"
     run "c10_r38_long2_kd_a${alpha}" --stage ft --initial-checkpoint "$RUNS/c10_r38_long2_rl_a${alpha}/model" \
         --distill-from "$RUNS/c10_r38_long2/model" --distill-weight 0.7 --distill-temperature 1 \
         --epochs 5 --lr 0.01 --weight-decay 1e-4 --sched cosine --amp bf16
@@ -116,9 +129,15 @@ if [[ $stage == long2_swa ]]; then
   run c10_r38_long2_swa25 --stage base --initial-checkpoint "$RUNS/c10_r38_long2/model" --weight-decay 5e-4 \
       --smoothing 0.1 "${SWA[@]}" --epochs 25
   for alpha in ${LONG2_ALPHAS:-0.7}; do
-    run "c10_r38_long2_kdswa_a${alpha}" --stage ft --initial-checkpoint "$RUNS/c10_r38_long2_rl_a${alpha}/model" \
-        --distill-from "$RUNS/c10_r38_long2_swa/model" --distill-weight 0.7 --distill-temperature 1 \
-        --weight-decay 1e-4 "${SWA[@]}"
+    long2_kdswa "$alpha"
+  done
+fi
+if [[ $stage == long2_rlswa ]]; then
+  # rl, then straight to the SWA distilled ft of long2_swa (which starts from the rl model, not from long2_kd_a*);
+  # needs long2 and long2_swa. Alphas between 0.65 (13.9 blocks) and 0.68 (12.2) aim at 12.6: 30 % fewer MACs
+  for alpha in ${LONG2_ALPHAS:-0.66 0.67}; do
+    long2_rl "$alpha"
+    long2_kdswa "$alpha"
   done
 fi
 if [[ $stage == long2_swa_ext ]]; then

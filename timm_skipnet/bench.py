@@ -39,27 +39,42 @@ def _build(model_name: str):
     return plain, skip.eval()
 
 
+def _timer(device: torch.device):
+    """perf_counter that first waits for the device's queued kernels: on a GPU a call returns before it is done."""
+    if device.type == 'cuda':
+        def now():
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+        return now
+    return time.perf_counter
+
+
 @torch.inference_mode()
 def run_bench(model_name: str = 'skipnet_resnet50', batch_sizes: Sequence[int] = (1, 8, 64), rate: float = 0.5,
-              img_size: int = 224, min_time: float = 3.0, min_iters: int = 3, seed: int = 0) -> List[Dict]:
+              img_size: int = 224, min_time: float = 3.0, min_iters: int = 3, seed: int = 0,
+              device: str = 'cpu') -> List[Dict]:
     torch.manual_seed(seed)
+    device = torch.device(device)
     plain, skip = _build(model_name)
     table = measure_mac_table(skip, (3, img_size, img_size))
-    calib = torch.randn(16, 3, img_size, img_size)  # the gate bias is set once per variant switch, on these images
+    plain, skip = plain.to(device), skip.to(device)
+    now = _timer(device)
+    # the gate bias is set once per variant switch, on these images
+    calib = torch.randn(16, 3, img_size, img_size).to(device)
     rows = []
     for bs in batch_sizes:
-        x = torch.randn(bs, 3, img_size, img_size)
+        x = torch.randn(bs, 3, img_size, img_size).to(device)
         macs_seen: List[torch.Tensor] = []
         variants = _variants(plain, skip, x, rate, table, macs_seen, calib)
         times = {k: [] for k in variants}
         for fn in variants.values():  # warm-up
             fn()
-        start = time.perf_counter()
-        while time.perf_counter() - start < min_time * len(variants) or len(times['plain timm ResNet']) < min_iters:
+        start = now()
+        while now() - start < min_time * len(variants) or len(times['plain timm ResNet']) < min_iters:
             for name, fn in variants.items():
-                t0 = time.perf_counter()
+                t0 = now()
                 fn()
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(now() - t0)
         dyn = torch.cat(macs_seen).mean().item()
         t_plain = statistics.median(times['plain timm ResNet'])
         for name, ts in times.items():
@@ -83,7 +98,7 @@ def calibrate_gates(skip, x: torch.Tensor, rate: float, seed: int = 0) -> float:
     decisions then differ per image but are deterministic, so timing runs the greedy inference path untraced."""
     g = torch.Generator().manual_seed(seed)
     layers = _final_layers(skip.gates)
-    for layer in layers:
+    for layer in layers:  # drawn on the CPU: the same gates on every device
         layer.weight.copy_(torch.randn(layer.weight.shape, generator=g))
     lo, hi = -30.0, 30.0
     for _ in range(14):
@@ -140,17 +155,30 @@ def format_table(rows: List[Dict]) -> str:
     return '\n'.join(lines)
 
 
+def device_name(device: str) -> str:
+    """What the table header says ran the numbers."""
+    d = torch.device(device)
+    if d.type == 'cuda':
+        return torch.cuda.get_device_name(d)
+    return f'CPU, {torch.get_num_threads()} threads'
+
+
 def main(args) -> None:
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        raise SystemExit(f'--device {args.device}: no CUDA device is visible to torch {torch.__version__}; '
+                         'use --device cpu or run on a GPU machine.')
+    where = device_name(args.device)
     if args.train:
-        rows = run_train_bench(args.model, args.batch_sizes[0], steps=args.steps)
-        print(f'# training step, {args.model}, batch {args.batch_sizes[0]}, CPU, {torch.get_num_threads()} threads')
+        rows = run_train_bench(args.model, args.batch_sizes[0], steps=args.steps, device=args.device)
+        print(f'# training step, {args.model}, batch {args.batch_sizes[0]}, {where}')
         print('| variant | step (ms) | images/s | cost vs plain |\n|---|---:|---:|---:|')
         for r in rows:
             print(f"| {r['variant']} | {r['step_ms']:.1f} | {r['img_per_s']:.1f} | {r['cost_vs_plain']:.3f}x |")
         return
-    rows = run_bench(args.model, args.batch_sizes, args.rate, args.img_size, args.min_time, seed=args.seed)
-    print(f'# {args.model} at {args.img_size} px, CPU, {torch.get_num_threads()} threads, torch {torch.__version__}')
+    rows = run_bench(args.model, args.batch_sizes, args.rate, args.img_size, args.min_time, seed=args.seed,
+                     device=args.device)
+    print(f'# {args.model} at {args.img_size} px, {where}, torch {torch.__version__}')
     print(format_table(rows))
     if args.output:
         import json
@@ -167,6 +195,7 @@ def add_parser(sub) -> None:
     p.add_argument('--img-size', type=int, default=224)
     p.add_argument('--min-time', type=float, default=3.0, help='seconds of timing per variant and batch size')
     p.add_argument('--threads', type=int, default=0)
+    p.add_argument('--device', default='cpu', help='cpu | cuda | cuda:N (GPU timings wait for the kernels)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--output', default='', help='also write the rows as JSON')
     p.add_argument('--train', action='store_true', help='time training steps per stage instead (first batch size)')
@@ -184,7 +213,7 @@ def _plain_forward(model, x: torch.Tensor) -> torch.Tensor:
 
 
 def run_train_bench(model_name: str = 'skipnet_resnet38_cifar', batch_size: int = 128, steps: int = 20,
-                    img_size: int = 0) -> List[Dict]:
+                    img_size: int = 0, device: str = 'cpu') -> List[Dict]:
     """Images/s of one optimizer step per stage, against a plain timm-style step of the same backbone.
 
     ``plain`` is the same weights run as a plain chain (stem, every block in order, timm's head), with no gate
@@ -192,10 +221,12 @@ def run_train_bench(model_name: str = 'skipnet_resnet38_cifar', batch_size: int 
     ``base`` / ``sp`` / ``rl`` are this package's stages (dense execution, as in training).
     """
     torch.manual_seed(0)
-    skip = timm.create_model(model_name)
+    device = torch.device(device)
+    now = _timer(device)
+    skip = timm.create_model(model_name).to(device)
     size = img_size or skip.pretrained_cfg['input_size'][-1]
-    x = torch.randn(batch_size, 3, size, size)
-    y = torch.randint(0, skip.num_classes, (batch_size,))
+    x = torch.randn(batch_size, 3, size, size).to(device)
+    y = torch.randint(0, skip.num_classes, (batch_size,)).to(device)
     plain = copy.deepcopy(skip)
     del plain.gates  # a plain ResNet
 
@@ -222,9 +253,9 @@ def run_train_bench(model_name: str = 'skipnet_resnet38_cifar', batch_size: int 
         fn()
     for _ in range(steps):
         for name, fn in variants.items():
-            t0 = time.perf_counter()
+            t0 = now()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(now() - t0)
     t_plain = statistics.median(times['plain ResNet (timm-style step)'])
     return [dict(variant=k, step_ms=1e3 * statistics.median(v), img_per_s=batch_size / statistics.median(v),
                  cost_vs_plain=statistics.median(v) / t_plain) for k, v in times.items()]
@@ -234,3 +265,31 @@ def _rl_loss(model, x, y):
     from .rewards import hybrid_rl_loss
     t = model(x, gate_policy='sample', return_trace=True)
     return hybrid_rl_loss(t.logits, y, t.actions, t.log_probs, alpha=0.1)[0]
+
+
+@torch.inference_mode()
+def images_per_second(model, xs: torch.Tensor, batch_size: int, device: str = 'cpu') -> float:
+    """Throughput of ``model`` on the images ``xs`` (already preprocessed) in batches of ``batch_size``, one warm-up
+    batch excluded; the images are moved to ``device`` before the clock starts, as a loader with pinned memory
+    would have them."""
+    now = _timer(torch.device(device))
+    xs = xs.to(device)
+    model(xs[:batch_size])
+    t0 = now()
+    for i in range(0, len(xs), batch_size):
+        model(xs[i:i + batch_size])
+    return len(xs) / (now() - t0)
+
+
+def speedup_on_images(model, baseline, xs: torch.Tensor, settings: Sequence = ((1, 1000), (256, 10_000)),
+                      rounds: int = 3, device: str = 'cpu') -> Dict[int, Dict[str, float]]:
+    """Images/s of ``model`` (real skipping on its own decisions) and ``baseline`` per (batch size, images): the
+    median of ``rounds`` interleaved rounds, so background load drifts hit both alike."""
+    out = {}
+    for bs, n in settings:
+        runs = [(images_per_second(model, xs[:n], bs, device), images_per_second(baseline, xs[:n], bs, device))
+                for _ in range(rounds)]
+        model_ips, base_ips = (statistics.median(r[i] for r in runs) for i in (0, 1))
+        out[bs] = dict(images=min(n, len(xs)), model_img_per_s=model_ips, baseline_img_per_s=base_ips,
+                       speedup=model_ips / base_ips)
+    return out
