@@ -28,6 +28,8 @@ def main():
     p.add_argument('--data', default='../shared/data/cifar10/plain')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--amp', default='', help="'bf16': time under bf16 autocast (GPU)")
+    p.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 256],
+                   help='batch 1 times the first 1,000 images, larger batches all of them')
     p.add_argument('--rounds', type=int, default=3)
     p.add_argument('--output', default='')
     args = p.parse_args()
@@ -46,7 +48,8 @@ def main():
     amp = (torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16) if args.amp == 'bf16'
            else contextlib.nullcontext())
     with amp:
-        rows = speedup_on_images(model, baseline, xs, rounds=args.rounds, device=args.device)
+        settings = [(bs, 1000 if bs == 1 else len(xs)) for bs in args.batch_sizes]
+        rows = speedup_on_images(model, baseline, xs, settings, rounds=args.rounds, device=args.device)
     where = device_name(args.device) + (', bf16 autocast' if args.amp == 'bf16' else ', fp32')
     print(f'# {args.model} vs its gates-open self on {len(xs)} CIFAR-10 test images, {where}, '
           f'torch {torch.__version__}; ideal speed-up by MACs {ideal:.2f}x')
