@@ -1,8 +1,9 @@
 """The benchmark measures what it says: calibrated per-image decisions, R from those decisions, one row each."""
+import pytest
 import timm
 import torch
 
-from timm_skipnet.bench import calibrate_gates, run_bench, run_train_bench
+from timm_skipnet.bench import calibrate_gates, run_bench, run_train_bench, speedup_on_images
 
 
 def test_calibrated_gates_run_about_the_requested_share_with_per_image_decisions():
@@ -29,3 +30,40 @@ def test_train_bench_times_every_stage_against_a_plain_step():
     rows = run_train_bench('skipnet_resnet38_cifar', batch_size=4, steps=1)
     assert [r['variant'].split()[0] for r in rows] == ['plain', 'base', 'sp', 'rl']
     assert rows[0]['cost_vs_plain'] == 1.0 and all(r['step_ms'] > 0 for r in rows)
+
+
+def test_speedup_on_images_times_each_setting_on_its_own_images_and_reports_the_ratio():
+    calls = []
+
+    class Recorder(torch.nn.Module):  # a real module whose every call is logged: (which model, batch size)
+        def __init__(self, tag):
+            super().__init__()
+            self.tag = tag
+
+        def forward(self, x):
+            calls.append((self.tag, len(x)))
+            return x.mean((1, 2, 3))
+
+    xs = torch.randn(10, 3, 4, 4)
+    rows = speedup_on_images(Recorder('skip'), Recorder('plain'), xs, settings=((1, 3), (4, 100)), rounds=2)
+    assert set(rows) == {1, 4}
+    assert rows[1]['images'] == 3 and rows[4]['images'] == 10  # a cap beyond the data is the whole data
+    for r in rows.values():
+        assert abs(r['speedup'] - r['model_img_per_s'] / r['baseline_img_per_s']) < 1e-12
+    # per round and model: one warm-up batch, then every image once; rounds interleave the two models
+    batch1 = [c for c in calls if c[1] == 1]
+    assert len(batch1) == 2 * 2 * (1 + 3) and batch1[:4] == [('skip', 1)] * 4 and batch1[4:8] == [('plain', 1)] * 4
+    skip_batched = [c[1] for c in calls if c[0] == 'skip' and c[1] != 1]
+    assert skip_batched == [4, 4, 4, 2] * 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='on a GPU machine --device cuda is valid')
+def test_bench_refuses_a_cuda_device_it_cannot_see_with_the_fix():
+    import argparse
+
+    from timm_skipnet.bench import add_parser
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(['bench', '--device', 'cuda'])
+    with pytest.raises(SystemExit, match='no CUDA device.*--device cpu'):
+        args.func(args)
