@@ -49,7 +49,7 @@ FAMILIES = [
 # the recipe stages (examples/cifar10_skipnet38.sh) that train each backbone's family
 RECIPE_STAGES = {'c10_r38_base': ['all'], 'c10_r38_long': ['base', 'long_all'],
                  'c10_r38_long2': ['base', 'long', 'long2', 'long2_all', 'long2_kd15', 'long2_swa', 'long2_swa_ext',
-                                   'long2_kdswawd', 'long2_kdswat25', 'long3'],
+                                   'long2_kdswawd', 'long2_kdswat25', 'long2_rlswa', 'long3'],
                  'c10_r38_long3': ['base', 'long', 'long2', 'long3', 'long3_all']}
 
 
@@ -72,6 +72,12 @@ def _wall_time(run_dir: str) -> float:
 def _images(data: str, n: int, model):
     loader = make_loader(DataSpec(data), 'test', build_transforms(model, False), 256, limit=n)
     return [(x, y) for x, y, _ in loader]
+
+
+def _alpha_env(run: str) -> str:
+    """The recipe's alpha list variable set to ``run``'s alpha, so that the commands train that run."""
+    m = re.match(r'c10_r38_(long\d?)_.*_a([\d.]+)$', run)
+    return f'{m.group(1).upper()}_ALPHAS={m.group(2)} ' if m else ''
 
 
 def _kind(name: str, family: dict) -> str:
@@ -251,7 +257,7 @@ def main():
         f'{speed[256][0] / speed[256][1]:.2f}x at batch 256 (10,000 images); medians of 3 interleaved rounds.',
         f'This model {verdict}. Top-1 on the first 1,000 test images: {first_1000:.2f} %.', '',
         '## Reproduce', '', '```bash',
-        *[f'CIFAR10_DIR=../shared/data/cifar10/plain bash examples/cifar10_skipnet38.sh {stage}'
+        *[f'{_alpha_env(chosen)}CIFAR10_DIR=../shared/data/cifar10/plain bash examples/cifar10_skipnet38.sh {stage}'
           for stage in RECIPE_STAGES[candidates[chosen]['family']['backbone']]],
         '.venv/bin/python examples/cifar10_report.py', '```', '',
         f"Training chain: {' <- '.join(os.path.basename(r) for r in chain)}"

@@ -15,6 +15,7 @@
 #   long2_rl_a* / long2_kd_a*  +10 epochs rl, then +5 epochs ft distilled from the 140-epoch backbone
 #   long2_swa (swa, swa25, kdswa_a*)  SWA weight averaging of both sides at 165 epochs; long2_swa_ext: at 175;
 #   long2_kdswawd: kdswa with the ResNet-38's SWA weight decay; long2_kdswat25: kdswa with the 90.67 % teacher
+#   long2_rlswa       rl_a* then kdswa_a* directly (default alphas 0.66 0.67), after long2 and long2_swa
 # The long3 family (stages long3, then long3_all = long3_base_ft + long3_rl):
 #   long3             +50 epochs third warm restart of long2, label smoothing 0.1  -> the 190-epoch backbone
 #   long3_base_ft     +15 epochs, gates open, label smoothing 0.1  -> its same-budget ResNet-38 baseline
