@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from timm_skipnet.policy import decide, straight_through
-from timm_skipnet.rewards import discounted_returns, hybrid_rl_loss, reinforce_loss, skip_rewards
+from timm_skipnet.rewards import discounted_returns, gate_entropy, hybrid_rl_loss, reinforce_loss, skip_rewards
 
 
 def test_straight_through_is_hard_forward_and_sigmoid_gradient_backward():
@@ -86,3 +86,33 @@ def test_batch_mean_baseline_centres_each_gate_return():
     assert torch.allclose(log_probs.grad, -(returns - returns.mean(0)))
     with pytest.raises(ValueError, match='baseline'):
         reinforce_loss(log_probs, returns, baseline='critic')
+
+
+def test_gate_entropy_is_the_bernoulli_entropy_summed_over_images_and_gates():
+    probs = torch.tensor([[0.5, 0.9], [0.0, 1.0]])
+    h09 = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))
+    assert math.isclose(gate_entropy(probs).item(), math.log(2) + h09, abs_tol=1e-4)  # p = 0 or 1: no entropy
+
+
+def test_entropy_bonus_is_subtracted_inside_the_rl_term_and_pulls_gates_towards_one_half():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    targets = torch.tensor([0, 0])
+    actions = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    log_probs = torch.tensor([[-0.2, -0.7], [-1.1, -0.4]])
+    probs = torch.tensor([[0.8, 0.3], [0.5, 0.6]], requires_grad=True)
+    args = dict(alpha=0.5, rl_weight=0.01, probs=probs)
+    plain, _, rl_plain = hybrid_rl_loss(logits, targets, actions, log_probs, **args)
+    bonus, _, rl_bonus = hybrid_rl_loss(logits, targets, actions, log_probs, entropy_weight=0.2, **args)
+    h = gate_entropy(probs.detach()).item()
+    assert math.isclose(rl_bonus.item(), rl_plain.item() - 0.2 * h, rel_tol=1e-6)
+    assert math.isclose(bonus.item(), plain.item() - 0.01 * 0.2 * h, rel_tol=1e-6)
+    bonus.backward()  # dH/dp = log((1 - p) / p): descent moves p > 0.5 down, p < 0.5 up, leaves p = 0.5
+    assert probs.grad[0, 0] > 0 and probs.grad[0, 1] < 0 and probs.grad[1, 1] > 0
+    assert abs(probs.grad[1, 0].item()) < 1e-7
+    assert math.isclose(probs.grad[0, 0].item(), -0.01 * 0.2 * math.log(0.2 / 0.8), rel_tol=1e-5)
+
+
+def test_entropy_bonus_without_probabilities_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match='probs=trace.probs'):
+        hybrid_rl_loss(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), torch.ones(1, 1), torch.zeros(1, 1),
+                       alpha=0.1, entropy_weight=0.1)

@@ -128,6 +128,25 @@ def test_rl_stage_loss_equals_a_hand_computation():
     assert math.isclose(out['loss'].item(), sum(ce) / 3 + cfg.rl_weight * expected_rl, rel_tol=1e-5)
 
 
+def test_rl_entropy_flag_adds_the_bonus_on_the_sampled_gates_probabilities():
+    from tests.helpers import randomize_gates
+    from timm_skipnet.rewards import gate_entropy
+    model = timm.create_model('skipnet_resnet38_cifar').train()
+    randomize_gates(model, scale=0.5)
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([1, 4, 7])
+    ce_fn = torch.nn.CrossEntropyLoss(reduction='none')
+    outs = []
+    for entropy in (0.0, 0.05):
+        torch.manual_seed(5)
+        outs.append(stage_loss(model, x, y, TrainConfig(stage='rl', alpha=0.3, rl_weight=0.01, rl_entropy=entropy),
+                               ce_fn))
+    torch.manual_seed(5)
+    h = gate_entropy(model(x, gate_policy='sample', return_trace=True).probs).item()
+    assert h > 1.0  # random gates: far from deterministic
+    assert math.isclose(outs[1]['rl'].item(), outs[0]['rl'].item() - 0.05 * h, rel_tol=1e-5)
+    assert math.isclose(outs[1]['loss'].item(), outs[0]['loss'].item() - 0.01 * 0.05 * h, rel_tol=1e-5)
+
+
 def test_distillation_mixes_ce_and_the_hinton_kl_and_keeps_the_rl_reward():
     from tests.helpers import randomize_gates
     model = timm.create_model('skipnet_resnet38_cifar').eval()

@@ -41,13 +41,26 @@ def reinforce_loss(log_probs: torch.Tensor, returns: torch.Tensor, baseline: Opt
     return -(log_probs * advantage).sum()
 
 
+def gate_entropy(probs: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """sum_{b,k} H(p_bk), the Bernoulli entropy of every gate decision (nats): largest at p = 0.5, zero at 0 or 1."""
+    p = probs.float().clamp(eps, 1 - eps)
+    return -(p * p.log() + (1 - p) * (1 - p).log()).sum()
+
+
 def hybrid_rl_loss(logits: torch.Tensor, targets: torch.Tensor, actions: torch.Tensor, log_probs: torch.Tensor, *,
                    alpha: float, beta: float = 1.0, gamma: float = 1.0, rl_weight: float = 0.01,
-                   baseline: Optional[str] = None, ce_fn=None):
-    """Mean cross-entropy + rl_weight * REINFORCE. Returns (loss, ce_mean, rl_term)."""
+                   baseline: Optional[str] = None, ce_fn=None, probs: Optional[torch.Tensor] = None,
+                   entropy_weight: float = 0.0):
+    """Mean cross-entropy + rl_weight * (REINFORCE - entropy_weight * sum_{b,k} H(p_bk)). Returns (loss, ce_mean,
+    rl_term). The entropy bonus (off by default; needs ``probs``) keeps gates stochastic for longer, so that a policy
+    can settle on per-image decisions rather than every gate at p = 0 or 1."""
     ce = ce_fn(logits, targets) if ce_fn is not None else torch.nn.functional.cross_entropy(
         logits, targets, reduction='none')
     returns = discounted_returns(skip_rewards(actions, alpha), -beta * ce.detach().float(), gamma)
     rl = reinforce_loss(log_probs.float(), returns, baseline)
+    if entropy_weight:
+        if probs is None:
+            raise ValueError('entropy_weight needs the gate probabilities: pass probs=trace.probs.')
+        rl = rl - entropy_weight * gate_entropy(probs)
     ce_mean = ce.mean()
     return ce_mean + rl_weight * rl, ce_mean, rl

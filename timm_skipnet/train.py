@@ -65,6 +65,9 @@ class TrainConfig:
     gamma: float = field(default=1.0, metadata=dict(help='reward discount gamma'))
     rl_weight: float = field(default=0.01, metadata=dict(help='weight of the REINFORCE term'))
     rl_baseline: str = field(default='none', metadata=dict(help="none | batch_mean (variance reduction)"))
+    rl_entropy: float = field(default=0.0, metadata=dict(
+        help='rl: weight of an entropy bonus sum_{b,k} H(p_bk) inside the REINFORCE term; keeps the gates '
+             'stochastic longer (0: the paper\'s objective)'))
     rl_warmup_epochs: float = field(default=0.0, metadata=dict(
         help='rl: epochs with the REINFORCE term off at the start; the gates keep their initial p (0.5 with '
              '--gate-init-bias 0) while the backbone learns to run with random blocks missing'))
@@ -223,7 +226,7 @@ def stage_loss(model, x, y, cfg: TrainConfig, ce_fn, rl_weight: Optional[float] 
             rl_weight = cfg.rl_weight if rl_weight is None else rl_weight
             loss, ce, rl = hybrid_rl_loss(logits, y, trace.actions, trace.log_probs, alpha=cfg.alpha, beta=cfg.beta,
                                           gamma=cfg.gamma, rl_weight=rl_weight, baseline=cfg.rl_baseline,
-                                          ce_fn=ce_fn)
+                                          ce_fn=ce_fn, probs=trace.probs, entropy_weight=cfg.rl_entropy)
             out['rl'] = rl.detach()
     if teacher_logits is not None:
         kd = distillation_loss(logits, teacher_logits, cfg.distill_temperature)
