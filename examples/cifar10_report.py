@@ -42,14 +42,14 @@ FAMILIES = [
                                                  'c10_r38_long2_swa35'],
          skipnets=['c10_r38_long2_rl_a*', 'c10_r38_long2_kd_a*', 'c10_r38_long2_ft_a*', 'c10_r38_long2_kdswa_a*',
                    'c10_r38_long2_kdswa25_a*', 'c10_r38_long2_kdswawd_a*',
-                   'c10_r38_long2_kdswat25_a*']),
+                   'c10_r38_long2_kdswat25_a*', 'c10_r38_long2_rlent_a*', 'c10_r38_long2_kdswaent_a*']),
     dict(backbone='c10_r38_long3', baselines=['c10_r38_long3_base_ft'],
          skipnets=['c10_r38_long3_rl_a*', 'c10_r38_long3_kd_a*']),
 ]
 # the recipe stages (examples/cifar10_skipnet38.sh) that train each backbone's family
 RECIPE_STAGES = {'c10_r38_base': ['all'], 'c10_r38_long': ['base', 'long_all'],
                  'c10_r38_long2': ['base', 'long', 'long2', 'long2_all', 'long2_kd15', 'long2_swa', 'long2_swa_ext',
-                                   'long2_kdswawd', 'long2_kdswat25', 'long2_rlswa', 'long3'],
+                                   'long2_kdswawd', 'long2_kdswat25', 'long2_rlswa', 'long2_ent', 'long3'],
                  'c10_r38_long3': ['base', 'long', 'long2', 'long3', 'long3_all']}
 
 
@@ -85,7 +85,7 @@ def _kind(name: str, family: dict) -> str:
         return 'backbone'
     if name in family['baselines']:
         return 'baseline'
-    return next((k for k in ('kd', 'ft', 'rl') if re.search(rf'_{k}(\d+|ls|swa|wd|t)*_a', name)), 'rl')
+    return next((k for k in ('kd', 'ft', 'rl') if re.search(rf'_{k}(\d+|ls|swa|wd|t|ent)*_a', name)), 'rl')
 
 
 # marker and legend text per kind of run; each family gets one colour

@@ -16,6 +16,7 @@
 #   long2_swa (swa, swa25, kdswa_a*)  SWA weight averaging of both sides at 165 epochs; long2_swa_ext: at 175;
 #   long2_kdswawd: kdswa with the ResNet-38's SWA weight decay; long2_kdswat25: kdswa with the 90.67 % teacher
 #   long2_rlswa       rl_a* then kdswa_a* directly (default alphas 0.66 0.67), after long2 and long2_swa
+#   long2_ent         the same with an entropy bonus in rl: rlent_a*, then kdswaent_a*
 # The long3 family (stages long3, then long3_all = long3_base_ft + long3_rl):
 #   long3             +50 epochs third warm restart of long2, label smoothing 0.1  -> the 190-epoch backbone
 #   long3_base_ft     +15 epochs, gates open, label smoothing 0.1  -> its same-budget ResNet-38 baseline
@@ -60,14 +61,17 @@ extend() {  # extend <short> <long>: start run c10_r38_<long> from the last chec
 SWA=(--sched none --lr 0.01 --epochs 15 --model-ema --model-ema-decay 1 --model-ema-warmup --model-ema-warmup-power 1
      --eval-every-epochs 5 --amp bf16)
 
-long2_rl() {  # long2_rl <alpha>: rl from the 140-epoch backbone, fresh gates at p = 0.5, 3-epoch REINFORCE warm-up
-  run "c10_r38_long2_rl_a$1" --stage rl --initial-checkpoint "$RUNS/c10_r38_long2/model" --epochs 10 \
+long2_rl() {  # long2_rl <alpha> [<kind> <extra flags...>]: rl from the 140-epoch backbone, fresh gates at p = 0.5,
+  # 3-epoch REINFORCE warm-up; writes c10_r38_long2_<kind>_a<alpha> (kind: rl)
+  local alpha=$1 kind=${2:-rl}; shift; (( $# )) && shift
+  run "c10_r38_long2_${kind}_a$alpha" --stage rl --initial-checkpoint "$RUNS/c10_r38_long2/model" --epochs 10 \
       --lr 0.01 --weight-decay 1e-4 --sched cosine --reset-gates --gate-init-bias 0 --rl-baseline batch_mean \
-      --alpha "$1" --rl-warmup-epochs 3 --eval-every-epochs 5 --amp bf16
+      --alpha "$alpha" --rl-warmup-epochs 3 --eval-every-epochs 5 --amp bf16 "$@"
 }
 
-long2_kdswa() {  # long2_kdswa <alpha>: 15 epochs of ft distilled from long2_swa, averaged by SWA
-  run "c10_r38_long2_kdswa_a$1" --stage ft --initial-checkpoint "$RUNS/c10_r38_long2_rl_a$1/model" \
+long2_kdswa() {  # long2_kdswa <alpha> [<rl kind> <kind>]: 15 epochs of ft distilled from long2_swa, averaged by SWA,
+  # from c10_r38_long2_<rl kind>_a<alpha>; writes c10_r38_long2_<kind>_a<alpha> (kinds: rl, kdswa)
+  run "c10_r38_long2_${3:-kdswa}_a$1" --stage ft --initial-checkpoint "$RUNS/c10_r38_long2_${2:-rl}_a$1/model" \
       --distill-from "$RUNS/c10_r38_long2_swa/model" --distill-weight 0.7 --distill-temperature 1 \
       --weight-decay 1e-4 "${SWA[@]}"
 }
@@ -170,6 +174,15 @@ if [[ $stage == long2_kdswat25 ]]; then
     run "c10_r38_long2_kdswat25_a${alpha}" --stage ft --initial-checkpoint "$RUNS/c10_r38_long2_rl_a${alpha}/model" \
         --distill-from "$RUNS/c10_r38_long2_swa25/model" --distill-weight 0.7 --distill-temperature 1 \
         --weight-decay 1e-4 "${SWA[@]}"
+  done
+fi
+if [[ $stage == long2_ent ]]; then
+  # rl with an entropy bonus on the gate decisions (--rl-entropy RL_ENTROPY, default 0.1: near p = 0.9 its pull on
+  # a gate's logit is about the size of the skip reward's), then the same SWA distilled ft: can the gates settle on
+  # per-image decisions instead of p = 0 or 1?
+  for alpha in ${LONG2_ALPHAS:-0.7}; do
+    long2_rl "$alpha" rlent --rl-entropy "${RL_ENTROPY:-0.1}"
+    long2_kdswa "$alpha" rlent kdswaent
   done
 fi
 if [[ $stage == long2_ft ]]; then  # the ablation of the distillation: plain ft of the same rl models
