@@ -17,6 +17,7 @@
 #   long2_kdswawd: kdswa with the ResNet-38's SWA weight decay; long2_kdswat25: kdswa with the 90.67 % teacher
 #   long2_rlswa       rl_a* then kdswa_a* directly (default alphas 0.66 0.67), after long2 and long2_swa
 #   long2_ent         the same with an entropy bonus in rl: rlent_a*, then kdswaent_a*
+#   thr               a per-image gate by threshold on the published model, then 10 epochs of self-distilled SWA ft
 # The long3 family (stages long3, then long3_all = long3_base_ft + long3_rl):
 #   long3             +50 epochs third warm restart of long2, label smoothing 0.1  -> the 190-epoch backbone
 #   long3_base_ft     +15 epochs, gates open, label smoothing 0.1  -> its same-budget ResNet-38 baseline
@@ -184,6 +185,27 @@ if [[ $stage == long2_ent ]]; then
     long2_rl "$alpha" rlent --rl-entropy "${RL_ENTROPY:-0.1}"
     long2_kdswa "$alpha" rlent kdswaent
   done
+fi
+if [[ $stage == thr ]]; then
+  # from the session-6 published weights (12 static blocks, 90.01 %, 165 epochs), copied once to runs/ so that a
+  # republished folder does not change the start: gate THR_GATES runs its block for THR_RATE of the training images
+  # (timm-skipnet threshold), then 10 epochs of SWA ft self-distilled from the published model running its
+  # own gates (175 epochs in all, as long2_swa35). thr_ctl is the same ft without the threshold (the control)
+  pub="$RUNS/c10_r38_published_s6"
+  if [ ! -f "$pub/model.safetensors" ]; then
+    mkdir -p "$pub.tmp" && cp hub_configs/skipnet_resnet38_cifar.cifar10/{config.json,model.safetensors} "$pub.tmp/"
+    mv "$pub.tmp" "$pub"
+  fi
+  THR=(--stage ft --distill-from "$pub" --distill-gates greedy --distill-weight 0.7 --distill-temperature 1
+       --weight-decay 1e-4 "${SWA[@]}" --epochs 10)
+  for gate in ${THR_GATES:-8}; do
+    name="thr_g${gate}_r${THR_RATE:-0.5}"
+    init="$RUNS/c10_r38_${name}.init.safetensors"
+    [ -f "$init" ] || "$PY" -m timm_skipnet.cli threshold --model skipnet_resnet38_cifar --checkpoint "$pub" \
+        --num-classes 10 --dataset "$DATA" --gate "$gate" --rate "${THR_RATE:-0.5}" --output "$init"
+    run "c10_r38_$name" --initial-checkpoint "$init" "${THR[@]}"
+  done
+  [[ ${THR_CONTROL:-1} == 1 ]] && run c10_r38_thr_ctl --initial-checkpoint "$pub" "${THR[@]}"
 fi
 if [[ $stage == long2_ft ]]; then  # the ablation of the distillation: plain ft of the same rl models
   for alpha in ${LONG2_ALPHAS:-0.7}; do

@@ -203,3 +203,65 @@ def test_reset_gates_forgets_everything_a_trained_gate_learned(gate_type):
     for (name, a), b in zip(fresh.named_buffers(), trained.buffers()):
         if 'num_batches_tracked' not in name:
             assert torch.equal(a, b), name  # BatchNorm running statistics are back to 0 / 1
+
+
+def test_greedy_thresholds_move_each_gates_line_and_sparse_dense_and_batch_one_agree():
+    model = timm.create_model('skipnet_resnet38_cifar').eval()
+    randomize_bn(model)
+    randomize_gates(model, scale=1.0)
+    x = torch.randn(8, 3, 32, 32)
+    probs = model.forward_with_gates(x).probs
+    default = model.forward_with_gates(x)
+    assert torch.equal(default.actions, (probs > 0.5).float())  # 0.5 everywhere: the old rule, unchanged
+    t = torch.rand(model.num_gated_blocks) * 0.6 + 0.2
+    model.set_gate_thresholds(t.tolist())
+    model.set_execution('dense')
+    dense = model.forward_with_gates(x)
+    # decisions follow p > t_k per gate; the recorded p is the gate's own probability, not shifted (gate 0 reads
+    # the same input either way; later gates read what the new decisions made)
+    assert torch.equal(dense.actions, (dense.probs > t).float())
+    assert torch.allclose(dense.probs[:, 0], probs[:, 0])
+    assert not torch.equal(dense.actions, default.actions)
+    model.set_execution('sparse')
+    assert torch.allclose(model(x), dense.logits, rtol=1e-4, atol=1e-5)
+    one = torch.cat([model(x[i:i + 1]) for i in range(len(x))])
+    assert torch.allclose(one, dense.logits, rtol=1e-4, atol=1e-5)
+    # the training policies keep their own rules
+    model.train()
+    model.set_execution('dense')
+    st = model.forward_with_gates(x, gate_policy='straight_through')
+    assert torch.equal(st.actions, (st.probs > 0.5).float())
+
+
+def test_gate_thresholds_of_zero_and_one_force_a_block_on_and_off():
+    model = timm.create_model('skipnet_resnet38_cifar').eval()
+    randomize_gates(model)
+    t = [0.5] * model.num_gated_blocks
+    t[2], t[5] = 0.0, 1.0
+    model.set_gate_thresholds(t)
+    actions = model.forward_with_gates(torch.randn(6, 3, 32, 32)).actions
+    assert actions[:, 2].min() == 1 and actions[:, 5].max() == 0
+
+
+def test_gate_thresholds_travel_with_the_weights_and_older_weights_load_at_one_half(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from timm_skipnet.loading import load_weights
+    model = timm.create_model('skipnet_resnet38_cifar')
+    model.set_gate_thresholds([0.1 + 0.05 * k for k in range(model.num_gated_blocks)])
+    save_file(model.state_dict(), str(tmp_path / 'new.safetensors'))
+    again = timm.create_model('skipnet_resnet38_cifar')
+    load_weights(again, str(tmp_path / 'new.safetensors'))
+    assert torch.equal(again.gate_thresholds, model.gate_thresholds)
+    old = {k: v for k, v in load_file(str(tmp_path / 'new.safetensors')).items() if k != 'gate_thresholds'}
+    save_file(old, str(tmp_path / 'old.safetensors'))
+    fresh = timm.create_model('skipnet_resnet38_cifar')
+    load_weights(fresh, str(tmp_path / 'old.safetensors'))  # strict: the missing buffer is filled, not refused
+    assert torch.equal(fresh.gate_thresholds, torch.full((model.num_gated_blocks,), 0.5))
+
+
+@pytest.mark.parametrize('bad', [1.5, -0.1, [0.5, 0.5]])
+def test_bad_gate_thresholds_are_refused_with_the_expected_form(bad):
+    model = timm.create_model('skipnet_resnet38_cifar')
+    with pytest.raises(ValueError, match='one per gated block'):
+        model.set_gate_thresholds(bad)

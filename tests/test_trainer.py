@@ -193,6 +193,24 @@ def test_ft_with_a_teacher_trains_logs_kd_and_never_writes_the_teacher(cifar10_d
                    distill_from=str(tmp_path / 'teacher' / 'model')))
 
 
+def test_a_skipnet_teacher_runs_its_own_gates_with_distill_gates_greedy(cifar10_dir, tmp_path):
+    from safetensors.torch import save_file
+    teacher = timm.create_model('skipnet_resnet38_cifar', num_classes=10)
+    teacher.gates.set_constant_probability(0.1)  # greedy: every gated block skipped; open: every block runs
+    save_file(teacher.state_dict(), str(tmp_path / 'teacher.safetensors'))
+    kd = {}
+    for gates in ('open', 'greedy'):
+        AcceleratorState._reset_state(True)
+        train(_cfg(cifar10_dir, tmp_path / gates, stage='ft', steps=1, lr=0.0, export=False, seed=0,
+                   distill_from=str(tmp_path / 'teacher.safetensors'), distill_gates=gates))
+        kd[gates] = _logged(tmp_path / gates)[0]['kd']
+    assert all(math.isfinite(v) for v in kd.values()) and abs(kd['open'] - kd['greedy']) > 1e-3
+    AcceleratorState._reset_state(True)
+    with pytest.raises(ValueError, match="distill-gates must be 'open'"):
+        train(_cfg(cifar10_dir, tmp_path / 'bad', stage='ft', steps=1, distill_gates='sample',
+                   distill_from=str(tmp_path / 'teacher.safetensors')))
+
+
 def test_resume_reproduces_an_uninterrupted_run_exactly(cifar10_dir, tmp_path):
     # 8 updates per epoch; stop at update 6, resume, finish at 10: crosses an epoch boundary after the resume
     kw = dict(stage='rl', steps=10, export=False, sched='cosine', lr=0.02)

@@ -20,10 +20,11 @@ class GateDecision:
     log_prob: torch.Tensor  # (B,) log pi(action); differentiable w.r.t. the logit
 
 
-def hard_decision(logits: torch.Tensor) -> torch.Tensor:
-    """1 where p = sigmoid(logit) > 0.5. Decided on the logit: float32 sigmoid rounds logits within ~3e-8 of 0 to
-    exactly 0.5, and the logit test keeps every path (train, eval, sparse, dense) on the same side of the line."""
-    return (logits > 0).to(logits.dtype)
+def hard_decision(logits: torch.Tensor, threshold_logit: float = 0.0) -> torch.Tensor:
+    """1 where p = sigmoid(logit) > t, i.e. logit > logit(t) (t = 0.5 unless the model sets per-gate thresholds).
+    Decided on the logit: float32 sigmoid rounds logits within ~3e-8 of 0 to exactly 0.5, and the logit test keeps
+    every path (train, eval, sparse, dense) on the same side of the line."""
+    return (logits > threshold_logit).to(logits.dtype)
 
 
 def straight_through(prob: torch.Tensor, hard: torch.Tensor = None) -> torch.Tensor:
@@ -38,8 +39,9 @@ def bernoulli_log_prob(logits: torch.Tensor, action: torch.Tensor) -> torch.Tens
     return -F.binary_cross_entropy_with_logits(logits, action, reduction='none')
 
 
-def decide(logits: torch.Tensor, policy: str) -> GateDecision:
-    """Turn gate logits (B,) into a :class:`GateDecision` under ``policy``."""
+def decide(logits: torch.Tensor, policy: str, threshold_logit: float = 0.0) -> GateDecision:
+    """Turn gate logits (B,) into a :class:`GateDecision` under ``policy``; ``threshold_logit`` (logit(t)) moves
+    the greedy policy's line from p > 0.5 to p > t."""
     prob = torch.sigmoid(logits)
     if policy == 'straight_through':
         gate = straight_through(prob, hard_decision(logits).detach())
@@ -48,7 +50,7 @@ def decide(logits: torch.Tensor, policy: str) -> GateDecision:
         action = torch.bernoulli(prob.detach())
         gate = action
     elif policy == 'greedy':
-        action = hard_decision(logits).detach()
+        action = hard_decision(logits, threshold_logit).detach()
         gate = action
     elif policy == 'open':
         action = torch.ones_like(prob).detach()

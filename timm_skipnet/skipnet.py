@@ -128,6 +128,8 @@ class SkipNetResNet(ResNet):
         self.set_execution(execution)
         ref = next(self.parameters())
         self.gates = create_gates(gate_type, self._gate_in_chs(), gate_init_bias, device=ref.device, dtype=ref.dtype)
+        # the greedy (inference) policy runs block k iff p_k > gate_thresholds[k]; saved with the weights
+        self.register_buffer('gate_thresholds', torch.full((self.gates.num_gates,), 0.5, device=ref.device))
 
     def _gate_in_chs(self) -> List[int]:
         """Input channels of every gated block (all but the first), from feature_info: no dummy forward."""
@@ -147,6 +149,20 @@ class SkipNetResNet(ResNet):
         if execution not in EXECUTION_MODES:
             raise ValueError(f'execution must be one of {EXECUTION_MODES}, got {execution!r}.')
         self.execution = execution
+
+    @torch.no_grad()
+    def set_gate_thresholds(self, thresholds: Union[float, List[float]]) -> None:
+        """Per-gate decision thresholds of the greedy policy: block k runs iff p_k > t_k (0.5 after training).
+        Raising a gate's threshold skips its block for more images, lowering it runs the block for more: a
+        compute budget set after training, without retraining. Training policies (sample, straight-through) keep
+        their own rules."""
+        t = torch.tensor(thresholds, dtype=torch.float32)
+        if t.dim() == 0:
+            t = t.expand(self.gates.num_gates)
+        if t.shape != (self.gates.num_gates,) or not bool(((t >= 0) & (t <= 1)).all()):
+            raise ValueError(f'gate thresholds must be one probability in [0, 1] or {self.gates.num_gates} of them '
+                             f'(one per gated block), got {thresholds!r}.')
+        self.gate_thresholds.copy_(t)
 
     @property
     def num_gated_blocks(self) -> int:
@@ -211,6 +227,8 @@ class SkipNetResNet(ResNet):
             taps.append(x)
         x = self.maxpool(x)
         state = self.gates.init_state(x) if use_gates else None
+        # logit(t): one tiny op, no host sync; logit(0.5) = 0 exactly, so default thresholds change nothing
+        thr = torch.logit(self.gate_thresholds.float()) if policy == 'greedy' else None
         probs, actions, log_probs = [], [], []
         k = 0
         last_stage = len(self.stage_names) if stop_index is None else stop_index
@@ -222,13 +240,14 @@ class SkipNetResNet(ResNet):
                     logits, state = self.gates(k - 1, x, state)
                     if policy == 'greedy' and not with_trace and execution == 'sparse':
                         # the inference hot path: one comparison per gate (p > 0.5 iff logit > 0), nothing else
+                        run = logits > thr[k - 1]
                         if x.shape[0] == 1:
-                            x = block(x) if logits.item() > 0 else _shortcut(block, x)
+                            x = block(x) if run.item() else _shortcut(block, x)
                         else:
-                            x = _run_sparse(block, x, logits > 0, reuse_input=not in_place_unsafe)
+                            x = _run_sparse(block, x, run, reuse_input=not in_place_unsafe)
                         k += 1
                         continue
-                    d = decide(logits, policy)
+                    d = decide(logits, policy, thr[k - 1] if thr is not None else 0.0)
                     if with_trace:
                         probs.append(d.prob)
                         actions.append(d.action)
@@ -363,7 +382,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SkipNetResN
         state_dict = convert_original_state_dict(state_dict, model)
     own = model.state_dict()
     for k, v in own.items():
-        if k.startswith('gates.') and k not in state_dict:
+        if (k.startswith('gates.') or k == 'gate_thresholds') and k not in state_dict:
             state_dict[k] = v
     return state_dict
 

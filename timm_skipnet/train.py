@@ -72,8 +72,11 @@ class TrainConfig:
         help='rl: epochs with the REINFORCE term off at the start; the gates keep their initial p (0.5 with '
              '--gate-init-bias 0) while the backbone learns to run with random blocks missing'))
     distill_from: str = field(default='', metadata=dict(help=(
-        'teacher weights (exported folder or .safetensors) of the same architecture, run with every gate open; '
+        'teacher weights (exported folder or .safetensors) of the same architecture, run as --distill-gates says; '
         'adds a distillation term to the cross-entropy')))
+    distill_gates: str = field(default='open', metadata=dict(help=(
+        "how the teacher runs: 'open' (every block: a ResNet teacher) or 'greedy' (its own gates: a SkipNet "
+        "teacher, e.g. the model being fine-tuned)")))
     distill_weight: float = field(default=0.9, metadata=dict(help='w: loss = (1 - w) CE + w T^2 KL'))
     distill_temperature: float = field(default=4.0, metadata=dict(help='T of the distillation softmax'))
     # optimisation (timm train.py names)
@@ -177,6 +180,7 @@ def build_model(cfg: TrainConfig, num_classes: int):
         load_weights(model, cfg.initial_checkpoint)
     if cfg.reset_gates:
         model.gates.init_weights(cfg.gate_init_bias)
+        model.set_gate_thresholds(0.5)
     return model, arch, model_args
 
 
@@ -237,9 +241,12 @@ def stage_loss(model, x, y, cfg: TrainConfig, ce_fn, rl_weight: Optional[float] 
 
 
 def build_teacher(cfg: TrainConfig, arch: str, model_args: Dict[str, Any], device) -> Optional[nn.Module]:
-    """The frozen ``--distill-from`` network (same architecture, eval mode, every gate open), or None."""
+    """The frozen ``--distill-from`` network (same architecture, eval mode, gates as ``--distill-gates``), or None."""
     if not cfg.distill_from:
         return None
+    if cfg.distill_gates not in ('open', 'greedy'):
+        raise ValueError(f"--distill-gates must be 'open' (a ResNet teacher) or 'greedy' (a SkipNet teacher running "
+                         f"its own gates), got {cfg.distill_gates!r}.")
     if not 0.0 <= cfg.distill_weight <= 1.0 or cfg.distill_temperature <= 0:
         raise ValueError(f'--distill-weight must be in [0, 1] and --distill-temperature > 0, got '
                          f'{cfg.distill_weight} and {cfg.distill_temperature}.')
@@ -439,7 +446,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                         teacher_logits = None
                         if teacher is not None:
                             with torch.no_grad():
-                                teacher_logits = teacher(x, gate_policy='open')
+                                teacher_logits = teacher(x, gate_policy=cfg.distill_gates)
                         out = stage_loss(model, x, y, cfg, ce_fn, teacher_logits=teacher_logits,
                                          rl_weight=0.0 if global_step < rl_warmup_steps else cfg.rl_weight)
                     accelerator.backward(out['loss'])
