@@ -11,8 +11,13 @@ neither a baseline that lost accuracy in its last stage nor a weaker family ever
 Selection rule: among the runs within 0.5 top-1 points of their baseline at >= 30 % fewer MACs, the one with the
 fewest MACs; if none qualifies, the most accurate run with >= 30 % fewer MACs (and the card says the target was
 missed).
+
+Every run seen is recorded in examples/cifar10_runs.json (the ledger; committed): runs/ is git-ignored and does not
+survive a fresh checkout, so runs missing there are read from the ledger. Their weights are gone: when the choice
+is a ledger-only run, it must be the one already published, and only the plot and the table are regenerated.
 """
 import argparse
+import fnmatch
 import glob
 import json
 import os
@@ -42,15 +47,50 @@ FAMILIES = [
                                                  'c10_r38_long2_swa35'],
          skipnets=['c10_r38_long2_rl_a*', 'c10_r38_long2_kd_a*', 'c10_r38_long2_ft_a*', 'c10_r38_long2_kdswa_a*',
                    'c10_r38_long2_kdswa25_a*', 'c10_r38_long2_kdswawd_a*',
-                   'c10_r38_long2_kdswat25_a*', 'c10_r38_long2_rlent_a*', 'c10_r38_long2_kdswaent_a*']),
+                   'c10_r38_long2_kdswat25_a*', 'c10_r38_long2_rlent_a*', 'c10_r38_long2_kdswaent_a*',
+                   'c10_r38_thr_*']),
     dict(backbone='c10_r38_long3', baselines=['c10_r38_long3_base_ft'],
          skipnets=['c10_r38_long3_rl_a*', 'c10_r38_long3_kd_a*']),
 ]
 # the recipe stages (examples/cifar10_skipnet38.sh) that train each backbone's family
 RECIPE_STAGES = {'c10_r38_base': ['all'], 'c10_r38_long': ['base', 'long_all'],
                  'c10_r38_long2': ['base', 'long', 'long2', 'long2_all', 'long2_kd15', 'long2_swa', 'long2_swa_ext',
-                                   'long2_kdswawd', 'long2_kdswat25', 'long2_rlswa', 'long2_ent', 'long3'],
+                                   'long2_kdswawd', 'long2_kdswat25', 'long2_rlswa', 'long2_ent', 'thr', 'long3'],
                  'c10_r38_long3': ['base', 'long', 'long2', 'long3', 'long3_all']}
+
+
+LEDGER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cifar10_runs.json')
+LEDGER_SUMMARY_KEYS = ('top1', 'macs_full', 'macs_mean', 'macs_reduction_pct', 'executed_blocks_mean')
+
+
+def _family_of(name: str):
+    return next((f for f in FAMILIES if name in (f['backbone'], *f['baselines'])
+                 or any(fnmatch.fnmatchcase(name, g) for g in f['skipnets'])), None)
+
+
+def read_ledger(path: str = LEDGER) -> dict:
+    """name -> run record (summary, epochs, family, lineage, live=False) of every run the ledger holds."""
+    if not os.path.exists(path):
+        return {}
+    runs = {}
+    for name, r in _load(path)['runs'].items():
+        family = _family_of(name)
+        if family is not None:
+            runs[name] = dict(summary=r['summary'], epochs=r['epochs'], family=family, lineage=set(r['lineage']),
+                              live=False, source=r.get('source', ''))
+    return runs
+
+
+def write_ledger(runs: dict, path: str = LEDGER) -> None:
+    """Merge ``runs`` into the ledger (temp file, then rename); a live run replaces its recorded entry."""
+    ledger = _load(path) if os.path.exists(path) else {'runs': {}}
+    for name, r in runs.items():
+        if r.get('live'):
+            ledger['runs'][name] = dict(epochs=r['epochs'], lineage=r['chain'],
+                                        summary={k: r['summary'][k] for k in LEDGER_SUMMARY_KEYS},
+                                        source=f"{name}/eval_*.json, recorded by cifar10_report.py")
+    ledger['runs'] = dict(sorted(ledger['runs'].items(), key=lambda kv: (kv[1]['lineage'][-1], kv[1]['epochs'], kv[0])))
+    atomic_write_text(path, json.dumps(ledger, indent=1) + '\n')
 
 
 def _load(path):
@@ -85,6 +125,8 @@ def _kind(name: str, family: dict) -> str:
         return 'backbone'
     if name in family['baselines']:
         return 'baseline'
+    if name.startswith('c10_r38_thr_'):  # distilled ft from the published model (stage thr)
+        return 'kd'
     return next((k for k in ('kd', 'ft', 'rl') if re.search(rf'_{k}(\d+|ls|swa|wd|t|ent)*_a', name)), 'rl')
 
 
@@ -143,21 +185,59 @@ def _config(run_dir: str) -> dict:
     return _load(os.path.join(ckpt, open(os.path.join(ckpt, 'latest')).read().strip(), 'trainer_state.json'))['config']
 
 
+def _run_name(weights: str) -> str:
+    """``runs/<name>/model`` or ``runs/<name>`` -> ``<name>``."""
+    path = os.path.normpath(weights)
+    return os.path.basename(os.path.dirname(path) if os.path.basename(path) == 'model' else path)
+
+
+def _is_run(path: str) -> bool:
+    return os.path.exists(os.path.join(path, 'checkpoints', 'latest'))
+
+
+def _origin(path: str):
+    """Weights that are not a run (a copy of a published folder, a file with a threshold set) name the run or
+    weights they came from in a sidecar, ``<file>.origin`` or ``<folder>/origin``, written by the recipe."""
+    for f in (path + '.origin', os.path.join(path, 'origin')):
+        if os.path.isfile(f):
+            return open(f).read().strip()
+    return None
+
+
 def _chain(run_dir: str):
-    """The run and every run it was started from (``--initial-checkpoint <run>/model``), newest first."""
+    """The run and every run it was started from (``--initial-checkpoint <run>/model``), newest first. The chain
+    may end in a run that only the ledger knows (its checkpoints gone)."""
     chain = [run_dir]
     parent = _config(run_dir)['initial_checkpoint']
     while parent:
         run = os.path.dirname(os.path.normpath(parent)) if os.path.basename(os.path.normpath(parent)) == 'model' \
             else parent
+        while not _is_run(run) and _origin(run):
+            run = _origin(run)
         chain.append(run)
+        if not _is_run(run):
+            break  # a ledger-only run (or no run at all: _epochs says so)
         parent = _config(run)['initial_checkpoint']
     return chain
 
 
-def _epochs(run_dir: str) -> int:
-    """Training budget in epochs, counted over the whole chain of runs."""
-    return sum(_config(r)['epochs'] for r in _chain(run_dir))
+def _epochs(run_dir: str, ledger: dict) -> int:
+    """Training budget in epochs, counted over the whole chain of runs (a ledger-only ancestor with its own)."""
+    total = 0
+    for r in _chain(run_dir):
+        if _is_run(r):
+            total += _config(r)['epochs']
+        elif os.path.basename(os.path.normpath(r)) in ledger:
+            total += ledger[os.path.basename(os.path.normpath(r))]['epochs']
+        else:
+            raise SystemExit(f'{run_dir} was trained from {r}, which is neither a run directory nor in the ledger: '
+                             f'cannot count its epochs.')
+    return total
+
+
+def _lineage(run_dir: str, ledger: dict) -> list:
+    names = [os.path.basename(os.path.normpath(c)) for c in _chain(run_dir)]
+    return names + [n for n in ledger.get(names[-1], {}).get('lineage', ()) if n not in names]
 
 
 def _eval(run_dir: str):
@@ -173,16 +253,24 @@ def main():
     p.add_argument('--out', default=f'hub_configs/{TAG}')
     p.add_argument('--assets', default='docs')
     p.add_argument('--dry-run', action='store_true', help='print the table and the choice; measure and write nothing')
+    p.add_argument('--ledger', default=LEDGER, help='the record of every run seen (read, and merged into)')
     args = p.parse_args()
-    runs = {}  # name -> (eval summary, epochs)
+    runs = read_ledger(args.ledger)  # name -> record; the runs found under --runs replace their recorded entries
+    ledger = dict(runs)
     for family in FAMILIES:
         for name in [family['backbone'], *family['baselines']] + sorted(
                 os.path.basename(d) for g in family['skipnets'] for d in glob.glob(os.path.join(args.runs, g))):
             run_dir = os.path.join(args.runs, name)
             summary = _eval(run_dir) if os.path.isdir(run_dir) else None
             if summary is not None:
-                runs[name] = dict(summary=summary, epochs=_epochs(run_dir), family=family,
-                                  lineage={os.path.basename(os.path.normpath(c)) for c in _chain(run_dir)})
+                chain = _lineage(run_dir, ledger)
+                runs[name] = dict(summary=summary, epochs=_epochs(run_dir, ledger), family=family, lineage=set(chain),
+                                  chain=chain, live=True)
+    by_epochs = sorted(runs, key=lambda n: runs[n]['epochs'])
+    runs = {n: runs[n] for f in FAMILIES for n in by_epochs if runs[n]['family'] is f}
+    if not runs:
+        raise SystemExit(f'No finished run under {args.runs} and no ledger at {args.ledger}: run '
+                         f'examples/cifar10_skipnet38.sh first.')
     gates_open = [n for n, r in runs.items() if _kind(n, r['family']) in ('backbone', 'baseline')]
     reference = max(gates_open, key=lambda n: runs[n]['summary']['top1'])
     candidates = {}
@@ -210,30 +298,26 @@ def main():
     run_dir = os.path.join(args.runs, chosen)
     base_run = candidates[chosen]['baseline']
     base = runs[base_run]['summary']
+    if not runs[chosen]['live']:
+        _replot_published(runs, chosen, args)
+        return
 
     model = timm.create_model(f'local-dir:{os.path.abspath(run_dir)}/model', pretrained=True).eval()
-    baseline = timm.create_model(f'local-dir:{os.path.abspath(args.runs)}/{base_run}/model', pretrained=True).eval()
-    baseline.set_gate_policy('open')  # = the plain ResNet-38: no gate is computed
+    # the ResNet-38's speed: the same architecture with every gate open, i.e. the plain ResNet-38 computation (no
+    # gate runs); speed does not depend on the weights, so the baseline's own weights are not needed
+    baseline = timm.create_model(f'local-dir:{os.path.abspath(run_dir)}/model', pretrained=True).eval()
+    baseline.set_gate_policy('open')
     batches = _images(args.data, 10_000, model)
     measured = speedup_on_images(model, baseline, torch.cat([x for x, _ in batches]))
     speed = {bs: (m['model_img_per_s'], m['baseline_img_per_s']) for bs, m in measured.items()}
     first_1000 = _first_n_top1(model, batches, 1000)
 
-    points = []
-    for name, r in runs.items():
-        s_, family = r['summary'], r['family']
-        kind = _kind(name, family)
-        label = f"{runs[family['backbone']]['epochs']}-epoch backbone family" if family['backbone'] in runs \
-            else family['backbone']
-        points.append((label, kind, name, s_['macs_full'] if kind in ('backbone', 'baseline') else s_['macs_mean'],
-                       s_['top1']))
-    os.makedirs(args.assets, exist_ok=True)
-    plot_path = plot(points, os.path.join(args.assets, 'cifar10_accuracy_vs_macs.png'), published=chosen)
+    plot_path = _plot_runs(runs, args.assets, chosen)
 
     s = runs[chosen]['summary']
     cfg = _config(run_dir)
     chain = _chain(run_dir)
-    hours = sum(_wall_time(r) for r in chain) / 3600
+    hours = sum(_wall_time(r) for r in chain if _is_run(r)) / 3600
     verdict = ('meets the target (>= 30 % fewer MACs within 0.5 points of the reference, the most accurate '
                'gates-open ResNet-38 trained by this project)' if chosen in ok else
                'MISSES the target of >= 30 % fewer MACs within 0.5 points of the reference (the most accurate '
@@ -261,7 +345,7 @@ def main():
           for stage in RECIPE_STAGES[candidates[chosen]['family']['backbone']]],
         '.venv/bin/python examples/cifar10_report.py', '```', '',
         f"Training chain: {' <- '.join(os.path.basename(r) for r in chain)}"
-        + (f" (the last stage distilled from {os.path.basename(os.path.dirname(os.path.normpath(cfg['distill_from'])))}"
+        + (f" (the last stage distilled from {_run_name(cfg['distill_from'])}"
            f", weight {cfg['distill_weight']}, temperature {cfg['distill_temperature']})"
            if cfg.get('distill_from') else '') + f". Seed {cfg['seed']}; training time "
         f'{hours:.2f} h (sum of the logged intervals of every run in the chain; start-up and evaluation excluded; runs '
@@ -276,9 +360,38 @@ def main():
     eval_path = os.path.join(run_dir, 'eval_published.json')
     atomic_write_text(eval_path, json.dumps(s, indent=2))
     export_run(run_dir, args.out, repo_id=REPO, eval_json=eval_path, card_extra=extra)
-    print(f'published {chosen} to {args.out}; plot {plot_path}')
+    write_ledger(runs, args.ledger)
+    print(f'published {chosen} to {args.out}; plot {plot_path}; ledger {args.ledger}')
     print_table(runs, candidates, args.runs)
     print(extra)
+
+
+def _plot_runs(runs, assets: str, chosen: str) -> str:
+    points = []
+    for name, r in runs.items():
+        s_, family = r['summary'], r['family']
+        kind = _kind(name, family)
+        label = f"{runs[family['backbone']]['epochs']}-epoch backbone family" if family['backbone'] in runs \
+            else family['backbone']
+        points.append((label, kind, name, s_['macs_full'] if kind in ('backbone', 'baseline') else s_['macs_mean'],
+                       s_['top1']))
+    os.makedirs(assets, exist_ok=True)
+    return plot(points, os.path.join(assets, 'cifar10_accuracy_vs_macs.png'), published=chosen)
+
+
+def _replot_published(runs, chosen: str, args) -> None:
+    """The choice is a ledger-only run (its checkpoints are gone): it must be the published one; keep the folder,
+    regenerate the plot, record the live runs."""
+    published = _load(os.path.join(args.out, 'eval_results.json'))
+    if abs(published['top1'] - runs[chosen]['summary']['top1']) > 1e-9 or \
+            abs(published['macs_mean'] - runs[chosen]['summary']['macs_mean']) > 1e-3:
+        raise SystemExit(f'{chosen} is the best run but only the ledger knows it (no {args.runs}/{chosen}) and '
+                         f'{args.out} holds another model: retrain it (examples/cifar10_skipnet38.sh) to publish it.')
+    plot_path = _plot_runs(runs, args.assets, chosen)
+    write_ledger(runs, args.ledger)
+    print(f'{chosen} (already published in {args.out}, weights unchanged) is still the choice; plot {plot_path}; '
+          f'ledger {args.ledger}')
+    print_table(runs, {}, args.runs)
 
 
 def print_table(runs, candidates, runs_dir: str) -> None:
@@ -290,9 +403,9 @@ def print_table(runs, candidates, runs_dir: str) -> None:
         gates_open = _kind(name, r['family']) in ('backbone', 'baseline')  # run as the plain ResNet: no gate cost
         macs, fewer = (s_['macs_full'], 0.0) if gates_open else (s_['macs_mean'], s_['macs_reduction_pct'])
         gap = f"{candidates[name]['gap']:.2f}" if name in candidates else ''
+        hours = f"{_wall_time(os.path.join(runs_dir, name)) / 3600:.2f} h" if r['live'] else 'ledger'
         print(f"| {name} | {r['epochs']} | {s_['top1']:.2f} | {macs / 1e6:.2f} | "
-              f"{fewer:.1f} % | {s_['executed_blocks_mean']:.2f} | {gap} | "
-              f"{_wall_time(os.path.join(runs_dir, name)) / 3600:.2f} h |")
+              f"{fewer:.1f} % | {s_['executed_blocks_mean']:.2f} | {gap} | {hours} |")
 
 
 def _first_n_top1(model, batches, n: int) -> float:

@@ -194,6 +194,7 @@ if [[ $stage == thr ]]; then
   pub="$RUNS/c10_r38_published_s6"
   if [ ! -f "$pub/model.safetensors" ]; then
     mkdir -p "$pub.tmp" && cp hub_configs/skipnet_resnet38_cifar.cifar10/{config.json,model.safetensors} "$pub.tmp/"
+    echo "$RUNS/c10_r38_long2_kdswa_a0.7" > "$pub.tmp/origin"  # the run these weights came from (for the report)
     mv "$pub.tmp" "$pub"
   fi
   THR=(--stage ft --distill-from "$pub" --distill-gates greedy --distill-weight 0.7 --distill-temperature 1
@@ -203,6 +204,7 @@ if [[ $stage == thr ]]; then
     init="$RUNS/c10_r38_${name}.init.safetensors"
     [ -f "$init" ] || "$PY" -m timm_skipnet.cli threshold --model skipnet_resnet38_cifar --checkpoint "$pub" \
         --num-classes 10 --dataset "$DATA" --gate "$gate" --rate "${THR_RATE:-0.5}" --output "$init"
+    [ -f "$init.origin" ] || echo "$pub" > "$init.origin"
     run "c10_r38_$name" --initial-checkpoint "$init" "${THR[@]}"
   done
   [[ ${THR_CONTROL:-1} == 1 ]] && run c10_r38_thr_ctl --initial-checkpoint "$pub" "${THR[@]}"
