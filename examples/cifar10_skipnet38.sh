@@ -18,6 +18,7 @@
 #   long2_rlswa       rl_a* then kdswa_a* directly (default alphas 0.66 0.67), after long2 and long2_swa
 #   long2_ent         the same with an entropy bonus in rl: rlent_a*, then kdswaent_a*
 #   thr               a per-image gate by threshold on the published model, then 10 epochs of self-distilled SWA ft
+#   thr_cos           the same gate, then 5 epochs of self-distilled ft at a small cosine lr
 # The long3 family (stages long3, then long3_all = long3_base_ft + long3_rl):
 #   long3             +50 epochs third warm restart of long2, label smoothing 0.1  -> the 190-epoch backbone
 #   long3_base_ft     +15 epochs, gates open, label smoothing 0.1  -> its same-budget ResNet-38 baseline
@@ -186,7 +187,7 @@ if [[ $stage == long2_ent ]]; then
     long2_kdswa "$alpha" rlent kdswaent
   done
 fi
-if [[ $stage == thr ]]; then
+if [[ $stage == thr || $stage == thr_cos ]]; then
   # from the session-6 published weights (12 static blocks, 90.01 %, 165 epochs), copied once to runs/ so that a
   # republished folder does not change the start: gate THR_GATES runs its block for THR_RATE of the training images
   # (timm-skipnet threshold), then 10 epochs of SWA ft self-distilled from the published model running its
@@ -199,15 +200,23 @@ if [[ $stage == thr ]]; then
   fi
   THR=(--stage ft --distill-from "$pub" --distill-gates greedy --distill-weight 0.7 --distill-temperature 1
        --weight-decay 1e-4 "${SWA[@]}" --epochs 10)
+  suffix=""
+  if [[ $stage == thr_cos ]]; then
+    # thr_cos: 5 epochs at a small cosine lr (0.002 -> 0) instead of restarting the average, which thr showed costs
+    # more than 10 epochs to regain; the published weights stay in their basin while the reopened block adapts
+    THR=(--stage ft --distill-from "$pub" --distill-gates greedy --distill-weight 0.7 --distill-temperature 1
+         --weight-decay 1e-4 --sched cosine --lr 0.002 --epochs 5 --amp bf16)
+    suffix=_cos
+  fi
   for gate in ${THR_GATES:-8}; do
     name="thr_g${gate}_r${THR_RATE:-0.5}"
     init="$RUNS/c10_r38_${name}.init.safetensors"
     [ -f "$init" ] || "$PY" -m timm_skipnet.cli threshold --model skipnet_resnet38_cifar --checkpoint "$pub" \
         --num-classes 10 --dataset "$DATA" --gate "$gate" --rate "${THR_RATE:-0.5}" --output "$init"
     [ -f "$init.origin" ] || echo "$pub" > "$init.origin"
-    run "c10_r38_$name" --initial-checkpoint "$init" "${THR[@]}"
+    run "c10_r38_$name$suffix" --initial-checkpoint "$init" "${THR[@]}"
   done
-  [[ ${THR_CONTROL:-1} == 1 ]] && run c10_r38_thr_ctl --initial-checkpoint "$pub" "${THR[@]}"
+  [[ ${THR_CONTROL:-1} == 1 ]] && run "c10_r38_thr_ctl$suffix" --initial-checkpoint "$pub" "${THR[@]}"
 fi
 if [[ $stage == long2_ft ]]; then  # the ablation of the distillation: plain ft of the same rl models
   for alpha in ${LONG2_ALPHAS:-0.7}; do
