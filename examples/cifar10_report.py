@@ -137,6 +137,11 @@ KIND_STYLE = {'backbone': ('s', 'ResNet-38 backbone (gates open)'),
               'kd': ('*', 'SkipNet after rl + distilled ft')}
 
 
+def _averaged(name: str) -> bool:
+    """Runs whose weights are an SWA average: the *swa* stages and thr / thr_ctl (not thr_cos)."""
+    return 'swa' in name or (name.startswith('c10_r38_thr_') and not name.endswith('_cos'))
+
+
 def plot(points, path, published=None):
     """points: [(family label, kind, name, macs, top1)]; colour = family, marker = kind, the published run ringed."""
     import matplotlib
@@ -150,7 +155,7 @@ def plot(points, path, published=None):
     colours = dict(zip(families, plt.rcParams['axes.prop_cycle'].by_key()['color']))
     for family, kind, name, macs, top1 in points:
         marker = KIND_STYLE[kind][0]
-        averaged = 'swa' in name  # weight-averaged runs (--model-ema as SWA): black edge
+        averaged = _averaged(name)  # weight-averaged runs (--model-ema as SWA): black edge
         ax.plot(macs / 1e8, top1, marker, color=colours[family], ms=13 if marker == '*' else 8, alpha=0.9,
                 mec='black' if averaged else colours[family], mew=1.2 if averaged else 1.0)
         if name == published:
@@ -159,7 +164,7 @@ def plot(points, path, published=None):
     handles = [Line2D([], [], ls='--', marker='o', color='gray', label='SkipNet paper, HRL (R-38/74/110, lossless)'),
                Line2D([], [], ls='', marker='s', mfc='none', color='gray', label='paper ResNet-38')]
     handles += [Line2D([], [], ls='', marker='o', color=colours[f], label=f) for f in families]
-    if any('swa' in p[2] for p in points):
+    if any(_averaged(p[2]) for p in points):
         handles.append(Line2D([], [], ls='', marker='o', color='white', mec='black', mew=1.2,
                               label='black edge: weights averaged (SWA)'))
     kinds = list(dict.fromkeys(p[1] for p in points))
@@ -299,7 +304,7 @@ def main():
     base_run = candidates[chosen]['baseline']
     base = runs[base_run]['summary']
     if not runs[chosen]['live']:
-        _replot_published(runs, chosen, args)
+        _replot_published(runs, candidates, chosen, args)
         return
 
     model = timm.create_model(f'local-dir:{os.path.abspath(run_dir)}/model', pretrained=True).eval()
@@ -379,7 +384,7 @@ def _plot_runs(runs, assets: str, chosen: str) -> str:
     return plot(points, os.path.join(assets, 'cifar10_accuracy_vs_macs.png'), published=chosen)
 
 
-def _replot_published(runs, chosen: str, args) -> None:
+def _replot_published(runs, candidates, chosen: str, args) -> None:
     """The choice is a ledger-only run (its checkpoints are gone): it must be the published one; keep the folder,
     regenerate the plot, record the live runs."""
     published = _load(os.path.join(args.out, 'eval_results.json'))
@@ -391,7 +396,7 @@ def _replot_published(runs, chosen: str, args) -> None:
     write_ledger(runs, args.ledger)
     print(f'{chosen} (already published in {args.out}, weights unchanged) is still the choice; plot {plot_path}; '
           f'ledger {args.ledger}')
-    print_table(runs, {}, args.runs)
+    print_table(runs, candidates, args.runs)
 
 
 def print_table(runs, candidates, runs_dir: str) -> None:
