@@ -55,7 +55,8 @@ FAMILIES = [
 # the recipe stages (examples/cifar10_skipnet38.sh) that train each backbone's family
 RECIPE_STAGES = {'c10_r38_base': ['all'], 'c10_r38_long': ['base', 'long_all'],
                  'c10_r38_long2': ['base', 'long', 'long2', 'long2_all', 'long2_kd15', 'long2_swa', 'long2_swa_ext',
-                                   'long2_kdswawd', 'long2_kdswat25', 'long2_rlswa', 'long2_ent', 'thr', 'long3'],
+                                   'long2_kdswawd', 'long2_kdswat25', 'long2_rlswa', 'long2_ent', 'thr', 'thr_cos',
+                                   'long3'],
                  'c10_r38_long3': ['base', 'long', 'long2', 'long3', 'long3_all']}
 
 
@@ -77,7 +78,7 @@ def read_ledger(path: str = LEDGER) -> dict:
         family = _family_of(name)
         if family is not None:
             runs[name] = dict(summary=r['summary'], epochs=r['epochs'], family=family, lineage=set(r['lineage']),
-                              live=False, source=r.get('source', ''))
+                              chain=list(r['lineage']), live=False, source=r.get('source', ''))
     return runs
 
 
@@ -242,7 +243,7 @@ def _epochs(run_dir: str, ledger: dict) -> int:
 
 def _lineage(run_dir: str, ledger: dict) -> list:
     names = [os.path.basename(os.path.normpath(c)) for c in _chain(run_dir)]
-    return names + [n for n in ledger.get(names[-1], {}).get('lineage', ()) if n not in names]
+    return names + [n for n in ledger.get(names[-1], {}).get('chain', ()) if n not in names]  # ordered, to the root
 
 
 def _eval(run_dir: str):

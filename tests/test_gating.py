@@ -235,12 +235,18 @@ def test_greedy_thresholds_move_each_gates_line_and_sparse_dense_and_batch_one_a
 
 def test_gate_thresholds_of_zero_and_one_force_a_block_on_and_off():
     model = timm.create_model('skipnet_resnet38_cifar').eval()
-    randomize_gates(model)
+    x = torch.randn(6, 3, 32, 32)
     t = [0.5] * model.num_gated_blocks
     t[2], t[5] = 0.0, 1.0
-    model.set_gate_thresholds(t)
-    actions = model.forward_with_gates(torch.randn(6, 3, 32, 32)).actions
-    assert actions[:, 2].min() == 1 and actions[:, 5].max() == 0
+    for p in (0.3, 0.7):  # every gate closed, then every gate open, at the default 0.5
+        model.gates.set_constant_probability(p)
+        model.set_gate_thresholds(0.5)
+        assert model.forward_with_gates(x).actions.mean().item() == (p > 0.5)
+        model.set_gate_thresholds(t)
+        for execution in ('dense', 'sparse'):
+            model.set_execution(execution)
+            actions = model.forward_with_gates(x).actions
+            assert actions[:, 2].min() == 1 and actions[:, 5].max() == 0, (p, execution)
 
 
 def test_gate_thresholds_travel_with_the_weights_and_older_weights_load_at_one_half(tmp_path):
@@ -258,6 +264,12 @@ def test_gate_thresholds_travel_with_the_weights_and_older_weights_load_at_one_h
     fresh = timm.create_model('skipnet_resnet38_cifar')
     load_weights(fresh, str(tmp_path / 'old.safetensors'))  # strict: the missing buffer is filled, not refused
     assert torch.equal(fresh.gate_thresholds, torch.full((model.num_gated_blocks,), 0.5))
+    load_weights(again, str(tmp_path / 'old.safetensors'))  # into a thresholded model: back to the old rule
+    assert torch.equal(again.gate_thresholds, torch.full((model.num_gated_blocks,), 0.5))
+    plain = timm.create_model('skipnet_resnet38_cifar')
+    plain.set_gate_thresholds(0.9)
+    plain.load_state_dict(old)  # strict torch load (trainer resume, timm's load_checkpoint) of older weights
+    assert torch.equal(plain.gate_thresholds, torch.full((model.num_gated_blocks,), 0.5))
 
 
 @pytest.mark.parametrize('bad', [1.5, -0.1, [0.5, 0.5]])

@@ -150,6 +150,13 @@ class SkipNetResNet(ResNet):
             raise ValueError(f'execution must be one of {EXECUTION_MODES}, got {execution!r}.')
         self.execution = execution
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # weights saved before gate thresholds existed (trainer resumes, timm's load_checkpoint): the p > 0.5 rule
+        key = prefix + 'gate_thresholds'
+        if key not in state_dict and 'gate_thresholds' in self._buffers:
+            state_dict[key] = torch.full_like(self.gate_thresholds, 0.5)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @torch.no_grad()
     def set_gate_thresholds(self, thresholds: Union[float, List[float]]) -> None:
         """Per-gate decision thresholds of the greedy policy: block k runs iff p_k > t_k (0.5 after training).
@@ -382,7 +389,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SkipNetResN
         state_dict = convert_original_state_dict(state_dict, model)
     own = model.state_dict()
     for k, v in own.items():
-        if (k.startswith('gates.') or k == 'gate_thresholds') and k not in state_dict:
+        if k == 'gate_thresholds' and k not in state_dict:
+            state_dict[k] = torch.full_like(v, 0.5)  # older weights: the p > 0.5 rule they were trained with
+        elif k.startswith('gates.') and k not in state_dict:
             state_dict[k] = v
     return state_dict
 
