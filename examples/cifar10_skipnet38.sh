@@ -19,6 +19,11 @@
 #   long2_ent         the same with an entropy bonus in rl: rlent_a*, then kdswaent_a*
 #   thr               a per-image gate by threshold on the published model, then 10 epochs of self-distilled SWA ft
 #   thr_cos           the same gate, then 5 epochs of self-distilled ft at a small cosine lr
+# The dp family (stage dp_all; resumable, about 4 h of CPU in all), one fresh lineage at a 125-epoch budget:
+#   dp                100 epochs from scratch, one cosine schedule, label smoothing 0.1, stochastic depth 0.1
+#                     (drop path): a backbone that has learnt to lose blocks
+#   dp_swa(25)        SWA gates open for 15 / 25 epochs: the teacher / the same-budget ResNet-38 baseline (125)
+#   dp_rl_a* / dp_kdswa_a*  rl 10 epochs, then the SWA ft distilled from dp_swa, 15 epochs (125)
 # The long3 family (stages long3, then long3_all = long3_base_ft + long3_rl):
 #   long3             +50 epochs third warm restart of long2, label smoothing 0.1  -> the 190-epoch backbone
 #   long3_base_ft     +15 epochs, gates open, label smoothing 0.1  -> its same-budget ResNet-38 baseline
@@ -222,6 +227,27 @@ if [[ $stage == long2_ft ]]; then  # the ablation of the distillation: plain ft 
   for alpha in ${LONG2_ALPHAS:-0.7}; do
     run "c10_r38_long2_ft_a${alpha}" --stage ft --initial-checkpoint "$RUNS/c10_r38_long2_rl_a${alpha}/model" \
         --epochs 5 --lr 0.01 --weight-decay 1e-4 --sched cosine --amp bf16
+  done
+fi
+if [[ $stage == dp || $stage == dp_all ]]; then
+  # lessons of the long chain: one cosine schedule instead of warm restarts, label smoothing from the start, and
+  # stochastic depth so that skipping a block later is a perturbation the backbone was trained under
+  DP=(--drop-path 0.1 --amp bf16)
+  run c10_r38_dp --stage base --epochs 100 --lr 0.1 --weight-decay 5e-4 --sched cosine --warmup-epochs 1 \
+      --smoothing 0.1 --eval-every-epochs 10 "${DP[@]}"
+fi
+if [[ $stage == dp_all ]]; then
+  run c10_r38_dp_swa --stage base --initial-checkpoint "$RUNS/c10_r38_dp/model" --weight-decay 5e-4 \
+      --smoothing 0.1 "${SWA[@]}" "${DP[@]}"
+  run c10_r38_dp_swa25 --stage base --initial-checkpoint "$RUNS/c10_r38_dp/model" --weight-decay 5e-4 \
+      --smoothing 0.1 "${SWA[@]}" --epochs 25 "${DP[@]}"
+  for alpha in ${DP_ALPHAS:-0.7 0.65}; do
+    run "c10_r38_dp_rl_a$alpha" --stage rl --initial-checkpoint "$RUNS/c10_r38_dp/model" --epochs 10 \
+        --lr 0.01 --weight-decay 1e-4 --sched cosine --reset-gates --gate-init-bias 0 --rl-baseline batch_mean \
+        --alpha "$alpha" --rl-warmup-epochs 3 --eval-every-epochs 5 "${DP[@]}"
+    run "c10_r38_dp_kdswa_a$alpha" --stage ft --initial-checkpoint "$RUNS/c10_r38_dp_rl_a$alpha/model" \
+        --distill-from "$RUNS/c10_r38_dp_swa/model" --distill-weight 0.7 --distill-temperature 1 \
+        --weight-decay 1e-4 "${SWA[@]}" "${DP[@]}"
   done
 fi
 if [[ $stage == long3 || $stage == long3_all ]]; then

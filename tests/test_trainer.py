@@ -452,3 +452,24 @@ def test_a_finished_constant_lr_run_extended_equals_the_longer_run_and_a_cosine_
     AcceleratorState._reset_state(True)
     with pytest.raises(ValueError, match=r'--steps 3 \(now 6\)'):
         train(_cfg(cifar10_dir, tmp_path / 'cos', **dict(kw, steps=6, resume=str(tmp_path / 'cos'))))
+
+
+def test_drop_path_drops_blocks_in_training_only_and_stays_out_of_the_exported_config(cifar10_dir, tmp_path):
+    from timm_skipnet.train import build_model
+    model, _, model_args = build_model(TrainConfig(drop_path=0.2), num_classes=10)
+    rates = [float(getattr(b.drop_path, 'drop_prob', 0.0)) for b in model.blocks()]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.2) and rates == sorted(rates)  # timm's linear rule
+    assert 'drop_path_rate' not in model_args
+    for block in model.blocks():  # timm zero-initialises the last BN of each residual: nothing to drop yet
+        torch.nn.init.ones_(block.bn2.weight)
+    x = torch.randn(8, 3, 32, 32)
+    torch.manual_seed(0)
+    model.train()
+    assert not torch.allclose(model(x, gate_policy='open'), model(x, gate_policy='open'))
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    with pytest.raises(ValueError, match='--drop-path must be in'):
+        build_model(TrainConfig(drop_path=1.0), num_classes=10)
+    train(_cfg(cifar10_dir, tmp_path, stage='base', steps=1, drop_path=0.1))
+    with open(tmp_path / 'model' / 'config.json') as f:
+        assert 'drop_path_rate' not in json.dumps(json.load(f))

@@ -47,6 +47,9 @@ class TrainConfig:
         help='re-initialise the gates after loading weights (start sp or rl from a gates-open backbone)'))
     gate_init_bias: float = field(default=3.0, metadata=dict(
         help='initial gate logit for new / reset gates: 3 = open (p 0.95); near 0 lets sp flip them sooner'))
+    drop_path: float = field(default=0.0, metadata=dict(help=(
+        "stochastic depth (timm's drop_path_rate, linear in block index to this value at the last block): a "
+        "backbone trained with blocks randomly dropped loses less when its gates later skip them")))
     # data
     dataset: str = field(default='uoft-cs/cifar10', metadata=dict(
         help='Hub dataset (streamed) or a local folder of Parquet files / an image folder'))
@@ -167,13 +170,17 @@ def build_model(cfg: TrainConfig, num_classes: int):
     import timm
 
     import timm_skipnet  # noqa: F401 -- registers the models
+    if not 0.0 <= cfg.drop_path < 1.0:
+        raise ValueError(f'--drop-path must be in [0, 1), got {cfg.drop_path}.')
+    # training-only arguments stay out of model_args, which config.json records for inference
+    train_args = dict(drop_path_rate=cfg.drop_path) if cfg.drop_path else {}
     if cfg.model.startswith('skipnet_'):
         model_args = dict(num_classes=num_classes, gate_type=cfg.gate_type)
-        model = timm.create_model(cfg.model, pretrained=cfg.pretrained, **model_args)
+        model = timm.create_model(cfg.model, pretrained=cfg.pretrained, **model_args, **train_args)
         arch = cfg.model
     else:
         model_args = dict(base_model=cfg.model, num_classes=num_classes, gate_type=cfg.gate_type)
-        model = timm.create_model('skipnet_from_timm', base_pretrained=cfg.pretrained, **model_args)
+        model = timm.create_model('skipnet_from_timm', base_pretrained=cfg.pretrained, **model_args, **train_args)
         arch = 'skipnet_from_timm'
     if cfg.initial_checkpoint:
         from .loading import load_weights
