@@ -51,13 +51,16 @@ FAMILIES = [
                    'c10_r38_thr_*']),
     dict(backbone='c10_r38_long3', baselines=['c10_r38_long3_base_ft'],
          skipnets=['c10_r38_long3_rl_a*', 'c10_r38_long3_kd_a*']),
+    dict(backbone='c10_r38_dp', baselines=['c10_r38_dp_swa', 'c10_r38_dp_swa25'],
+         skipnets=['c10_r38_dp_rl_a*', 'c10_r38_dp_kdswa_a*']),
 ]
 # the recipe stages (examples/cifar10_skipnet38.sh) that train each backbone's family
 RECIPE_STAGES = {'c10_r38_base': ['all'], 'c10_r38_long': ['base', 'long_all'],
                  'c10_r38_long2': ['base', 'long', 'long2', 'long2_all', 'long2_kd15', 'long2_swa', 'long2_swa_ext',
                                    'long2_kdswawd', 'long2_kdswat25', 'long2_rlswa', 'long2_ent', 'thr', 'thr_cos',
                                    'long3'],
-                 'c10_r38_long3': ['base', 'long', 'long2', 'long3', 'long3_all']}
+                 'c10_r38_long3': ['base', 'long', 'long2', 'long3', 'long3_all'],
+                 'c10_r38_dp': ['dp_all']}
 
 
 LEDGER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cifar10_runs.json')
@@ -78,7 +81,8 @@ def read_ledger(path: str = LEDGER) -> dict:
         family = _family_of(name)
         if family is not None:
             runs[name] = dict(summary=r['summary'], epochs=r['epochs'], family=family, lineage=set(r['lineage']),
-                              chain=list(r['lineage']), live=False, source=r.get('source', ''))
+                              chain=list(r['lineage']), live=False, source=r.get('source', ''),
+                              hours=r.get('hours'))
     return runs
 
 
@@ -89,6 +93,7 @@ def write_ledger(runs: dict, path: str = LEDGER) -> None:
         if r.get('live'):
             ledger['runs'][name] = dict(epochs=r['epochs'], lineage=r['chain'],
                                         summary={k: r['summary'][k] for k in LEDGER_SUMMARY_KEYS},
+                                        hours=round(r['hours'], 3),
                                         source=f"{name}/eval_*.json, recorded by cifar10_report.py")
     ledger['runs'] = dict(sorted(ledger['runs'].items(), key=lambda kv: (kv[1]['lineage'][-1], kv[1]['epochs'], kv[0])))
     atomic_write_text(path, json.dumps(ledger, indent=1) + '\n')
@@ -117,7 +122,7 @@ def _images(data: str, n: int, model):
 
 def _alpha_env(run: str) -> str:
     """The recipe's alpha list variable set to ``run``'s alpha, so that the commands train that run."""
-    m = re.match(r'c10_r38_(long\d?)_.*_a([\d.]+)$', run)
+    m = re.match(r'c10_r38_(long\d?|dp)_.*_a([\d.]+)$', run)
     return f'{m.group(1).upper()}_ALPHAS={m.group(2)} ' if m else ''
 
 
@@ -214,12 +219,21 @@ def _chain(run_dir: str):
     """The run and every run it was started from (``--initial-checkpoint <run>/model``), newest first. The chain
     may end in a run that only the ledger knows (its checkpoints gone)."""
     chain = [run_dir]
+    seen = {os.path.realpath(run_dir)}
+
+    def visit(path):
+        if os.path.realpath(path) in seen:
+            raise SystemExit(f'{run_dir}: its --initial-checkpoint / origin chain loops back to {path}; fix the '
+                             f'origin sidecars.')
+        seen.add(os.path.realpath(path))
+        return path
+
     parent = _config(run_dir)['initial_checkpoint']
     while parent:
-        run = os.path.dirname(os.path.normpath(parent)) if os.path.basename(os.path.normpath(parent)) == 'model' \
-            else parent
+        run = visit(os.path.dirname(os.path.normpath(parent)) if os.path.basename(os.path.normpath(parent)) == 'model'
+                    else parent)
         while not _is_run(run) and _origin(run):
-            run = _origin(run)
+            run = visit(_origin(run))
         chain.append(run)
         if not _is_run(run):
             break  # a ledger-only run (or no run at all: _epochs says so)
@@ -271,7 +285,7 @@ def main():
             if summary is not None:
                 chain = _lineage(run_dir, ledger)
                 runs[name] = dict(summary=summary, epochs=_epochs(run_dir, ledger), family=family, lineage=set(chain),
-                                  chain=chain, live=True)
+                                  chain=chain, live=True, hours=_wall_time(run_dir) / 3600)
     by_epochs = sorted(runs, key=lambda n: runs[n]['epochs'])
     runs = {n: runs[n] for f in FAMILIES for n in by_epochs if runs[n]['family'] is f}
     if not runs:
@@ -322,8 +336,11 @@ def main():
 
     s = runs[chosen]['summary']
     cfg = _config(run_dir)
-    chain = _chain(run_dir)
-    hours = sum(_wall_time(r) for r in chain if _is_run(r)) / 3600
+    # the whole lineage, ledger-only ancestors included; their hours where the ledger recorded them
+    chain = _lineage(run_dir, ledger)
+    timed = [n for n in chain if runs.get(n, ledger.get(n, {})).get('hours') is not None]
+    hours = sum(runs.get(n, ledger.get(n))['hours'] for n in timed)
+    untimed = [n for n in chain if n not in timed]
     verdict = ('meets the target (>= 30 % fewer MACs within 0.5 points of the reference, the most accurate '
                'gates-open ResNet-38 trained by this project)' if chosen in ok else
                'MISSES the target of >= 30 % fewer MACs within 0.5 points of the reference (the most accurate '
@@ -350,12 +367,13 @@ def main():
         *[f'{_alpha_env(chosen)}CIFAR10_DIR=../shared/data/cifar10/plain bash examples/cifar10_skipnet38.sh {stage}'
           for stage in RECIPE_STAGES[candidates[chosen]['family']['backbone']]],
         '.venv/bin/python examples/cifar10_report.py', '```', '',
-        f"Training chain: {' <- '.join(os.path.basename(r) for r in chain)}"
+        f"Training chain: {' <- '.join(chain)}"
         + (f" (the last stage distilled from {_run_name(cfg['distill_from'])}"
            f", weight {cfg['distill_weight']}, temperature {cfg['distill_temperature']})"
            if cfg.get('distill_from') else '') + f". Seed {cfg['seed']}; training time "
         f'{hours:.2f} h (sum of the logged intervals of every run in the chain; start-up and evaluation excluded; runs '
-        f'that shared the two cores with other jobs count their slower wall time) '
+        f'that shared the two cores with other jobs count their slower wall time'
+        + (f"; not counted, their time unrecorded: {', '.join(untimed)}" if untimed else '') + ') '
         f'on a 2-core CPU ({platform.machine()}), torch {torch.__version__}, no GPU. Data: the 50,000-image train '
         f'split of ../shared/data/cifar10/plain (JPEG quality 75 copy of CIFAR-10); results on its 10,000-image '
         f'test split.',
@@ -388,7 +406,12 @@ def _plot_runs(runs, assets: str, chosen: str) -> str:
 def _replot_published(runs, candidates, chosen: str, args) -> None:
     """The choice is a ledger-only run (its checkpoints are gone): it must be the published one; keep the folder,
     regenerate the plot, record the live runs."""
-    published = _load(os.path.join(args.out, 'eval_results.json'))
+    results = os.path.join(args.out, 'eval_results.json')
+    if not os.path.isfile(results):
+        raise SystemExit(f'{chosen} is the best run but only the ledger knows it (no {args.runs}/{chosen}) and '
+                         f'{args.out} has no eval_results.json to show it is published there: retrain it '
+                         f'(examples/cifar10_skipnet38.sh) or restore the published folder.')
+    published = _load(results)
     if abs(published['top1'] - runs[chosen]['summary']['top1']) > 1e-9 or \
             abs(published['macs_mean'] - runs[chosen]['summary']['macs_mean']) > 1e-3:
         raise SystemExit(f'{chosen} is the best run but only the ledger knows it (no {args.runs}/{chosen}) and '

@@ -199,6 +199,13 @@ if [[ $stage == thr || $stage == thr_cos ]]; then
   # own gates (175 epochs in all, as long2_swa35). thr_ctl is the same ft without the threshold (the control)
   pub="$RUNS/c10_r38_published_s6"
   if [ ! -f "$pub/model.safetensors" ]; then
+    # pinned: the session-6 weights, not whatever is published when this runs
+    s6=131e5e4b32143dcd3bc288c868ef7e645738c9df8e416feaa7f1bc0e8c072344
+    if ! echo "$s6  hub_configs/skipnet_resnet38_cifar.cifar10/model.safetensors" | sha256sum -c --status; then
+      echo "stage $stage starts from the session-6 weights (sha256 $s6), but hub_configs/ now holds others:" \
+           "check them out with 'git show 88be1f8:hub_configs/skipnet_resnet38_cifar.cifar10/model.safetensors'" >&2
+      exit 1
+    fi
     mkdir -p "$pub.tmp" && cp hub_configs/skipnet_resnet38_cifar.cifar10/{config.json,model.safetensors} "$pub.tmp/"
     echo "$RUNS/c10_r38_long2_kdswa_a0.7" > "$pub.tmp/origin"  # the run these weights came from (for the report)
     mv "$pub.tmp" "$pub"

@@ -219,7 +219,9 @@ def test_greedy_thresholds_move_each_gates_line_and_sparse_dense_and_batch_one_a
     dense = model.forward_with_gates(x)
     # decisions follow p > t_k per gate; the recorded p is the gate's own probability, not shifted (gate 0 reads
     # the same input either way; later gates read what the new decisions made)
-    assert torch.equal(dense.actions, (dense.probs > t).float())
+    assert torch.equal(dense.actions, (dense.gate_logits > model.gate_threshold_logits).float())
+    assert torch.allclose(torch.sigmoid(dense.gate_logits), dense.probs)
+    assert torch.allclose(model.gate_thresholds, t)
     assert torch.allclose(dense.probs[:, 0], probs[:, 0])
     assert not torch.equal(dense.actions, default.actions)
     model.set_execution('sparse')
@@ -259,7 +261,7 @@ def test_gate_thresholds_travel_with_the_weights_and_older_weights_load_at_one_h
     again = timm.create_model('skipnet_resnet38_cifar')
     load_weights(again, str(tmp_path / 'new.safetensors'))
     assert torch.equal(again.gate_thresholds, model.gate_thresholds)
-    old = {k: v for k, v in load_file(str(tmp_path / 'new.safetensors')).items() if k != 'gate_thresholds'}
+    old = {k: v for k, v in load_file(str(tmp_path / 'new.safetensors')).items() if k != 'gate_threshold_logits'}
     save_file(old, str(tmp_path / 'old.safetensors'))
     fresh = timm.create_model('skipnet_resnet38_cifar')
     load_weights(fresh, str(tmp_path / 'old.safetensors'))  # strict: the missing buffer is filled, not refused
@@ -270,6 +272,36 @@ def test_gate_thresholds_travel_with_the_weights_and_older_weights_load_at_one_h
     plain.set_gate_thresholds(0.9)
     plain.load_state_dict(old)  # strict torch load (trainer resume, timm's load_checkpoint) of older weights
     assert torch.equal(plain.gate_thresholds, torch.full((model.num_gated_blocks,), 0.5))
+    # timm-skipnet 0.x saved probabilities under 'gate_thresholds': they load as the same thresholds
+    save_file({**old, 'gate_thresholds': model.gate_thresholds}, str(tmp_path / 'v0.safetensors'))
+    for load in (lambda m: load_weights(m, str(tmp_path / 'v0.safetensors')),
+                 lambda m: m.load_state_dict(load_file(str(tmp_path / 'v0.safetensors')))):
+        m = timm.create_model('skipnet_resnet38_cifar')
+        load(m)
+        assert torch.allclose(m.gate_thresholds, model.gate_thresholds, rtol=0, atol=1e-6)
+
+
+def test_thresholds_stay_float32_logits_in_a_bfloat16_model_and_split_gates_whose_p_rounds_to_one():
+    from timm_skipnet.thresholds import set_threshold_for_rate
+    model = timm.create_model('skipnet_resnet38_cifar').eval()
+    randomize_bn(model)
+    randomize_gates(model, scale=30.0)
+    k = model.num_gated_blocks
+    model.set_gate_thresholds([0.0] * k)  # every block runs: gate 3 reads the same input whatever the gates' bias
+    x = torch.randn(64, 3, 32, 32)
+    with torch.no_grad():  # gate 3's logits around 7 (p > 0.998): p is 1.0 in bfloat16, whose spacing below 1 is 2^-8
+        model.gates.head.bias.fill_(7.0 - model.forward_with_gates(x).gate_logits[:, 3].mean().item())
+    model.set_gate_thresholds([0.0] * 3 + [0.7] + [0.0] * (k - 4))
+    before = model.gate_threshold_logits.clone()
+    model.to(torch.bfloat16)
+    assert model.gate_threshold_logits.dtype == torch.float32 and torch.equal(model.gate_threshold_logits, before)
+    x = x.to(torch.bfloat16)
+    model.set_gate_thresholds([0.0] * 3 + [0.5] + [0.0] * (k - 4))
+    trace = model.forward_with_gates(x)
+    assert bool((trace.probs[:, 3] == 1).all()) and bool((trace.actions[:, 3] == 1).all())
+    _, share, n = set_threshold_for_rate(model, [(x, None, None)], gate=3, rate=0.5)
+    actions = model.forward_with_gates(x).actions[:, 3]
+    assert n == 64 and 0.4 <= share <= 0.6 and actions.mean().item() == share  # the share the model really runs
 
 
 @pytest.mark.parametrize('bad', [1.5, -0.1, [0.5, 0.5]])

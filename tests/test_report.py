@@ -73,3 +73,44 @@ def test_weights_that_name_no_origin_are_refused_with_what_to_do(tmp_path):
     out = subprocess.run([sys.executable, str(REPORT), '--dry-run', '--runs', str(runs)], capture_output=True,
                          text=True, timeout=300, cwd=ROOT)
     assert out.returncode != 0 and 'neither a run directory nor in the ledger' in out.stderr
+
+
+def _publish(runs, tmp_path, out):
+    return subprocess.run([sys.executable, str(REPORT), '--runs', str(runs), '--out', str(out), '--assets',
+                           str(tmp_path / 'assets'), '--ledger', str(tmp_path / 'ledger.json')],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def test_a_ledger_only_choice_keeps_the_published_folder_replots_and_records_live_runs_in_the_ledger(tmp_path):
+    import shutil
+    shutil.copy(ROOT / 'examples' / 'cifar10_runs.json', tmp_path / 'ledger.json')
+    runs = tmp_path / 'runs'
+    (runs / 'pub').mkdir(parents=True)
+    (runs / 'pub' / 'origin').write_text(f'{runs}/c10_r38_long2_kdswa_a0.7\n')
+    _fake_run(runs, 'c10_r38_thr_g1_r0.5', f'{runs}/pub', 10, top1=89.0)  # live, worse: not the choice
+    (tmp_path / 'published').mkdir()
+    shutil.copy(PUBLISHED / 'eval_results.json', tmp_path / 'published')
+    out = _publish(runs, tmp_path, tmp_path / 'published')
+    assert out.returncode == 0, out.stderr
+    assert 'c10_r38_long2_kdswa_a0.7 (already published' in out.stdout
+    assert sorted(p.name for p in (tmp_path / 'published').iterdir()) == ['eval_results.json']  # nothing exported
+    assert (tmp_path / 'assets' / 'cifar10_accuracy_vs_macs.png').stat().st_size > 10_000
+    recorded = json.loads((tmp_path / 'ledger.json').read_text())['runs']['c10_r38_thr_g1_r0.5']
+    assert recorded['epochs'] == 175 and recorded['summary']['top1'] == 89.0 and recorded['hours'] == 0.1
+    assert recorded['lineage'][:2] == ['c10_r38_thr_g1_r0.5', 'c10_r38_long2_kdswa_a0.7']
+    assert json.loads((tmp_path / 'ledger.json').read_text())['runs']['c10_r38_long2_swa35']['summary']['top1'] == 90.74
+    # a folder that holds no published model cannot stand for the ledger-only choice
+    (tmp_path / 'empty').mkdir()
+    out = _publish(runs, tmp_path, tmp_path / 'empty')
+    assert out.returncode != 0 and 'has no eval_results.json' in out.stderr
+
+
+def test_an_origin_chain_that_loops_is_refused_with_the_loop(tmp_path):
+    runs = tmp_path / 'runs'
+    for a, b in (('a', 'b'), ('b', 'a')):
+        (runs / a).mkdir(parents=True, exist_ok=True)
+        (runs / a / 'origin').write_text(f'{runs}/{b}\n')
+    _fake_run(runs, 'c10_r38_thr_g1_r0.5', f'{runs}/a', 10, top1=90.0)
+    out = subprocess.run([sys.executable, str(REPORT), '--dry-run', '--runs', str(runs)], capture_output=True,
+                         text=True, timeout=300, cwd=ROOT)
+    assert out.returncode != 0 and 'loops back' in out.stderr

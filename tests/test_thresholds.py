@@ -30,7 +30,10 @@ def test_the_threshold_runs_the_block_for_the_asked_share_of_the_split_and_touch
     assert torch.equal(torch.cat([model.gate_thresholds[:3], model.gate_thresholds[4:]]),
                        torch.cat([expected[:3], expected[4:]]))
     spec = DataSpec(cifar10_dir).resolved()
-    loader = make_loader(spec, 'train', build_transforms(model, is_training=False), 32, limit=64)
+    # the sample is drawn from the shuffled split (seed 0), not its first 64 images (class-sorted folders)
+    loader = make_loader(spec, 'train', build_transforms(model, is_training=False), 32, limit=64, shuffle=True)
+    first = make_loader(spec, 'train', build_transforms(model, is_training=False), 32, limit=64)
+    assert not torch.equal(torch.cat([y for _, y, _ in loader]), torch.cat([y for _, y, _ in first]))
     model.eval()
     with torch.no_grad():
         actions = torch.cat([model(x, return_trace=True).actions for x, _, _ in loader])

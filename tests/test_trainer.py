@@ -198,13 +198,18 @@ def test_a_skipnet_teacher_runs_its_own_gates_with_distill_gates_greedy(cifar10_
     teacher = timm.create_model('skipnet_resnet38_cifar', num_classes=10)
     teacher.gates.set_constant_probability(0.1)  # greedy: every gated block skipped; open: every block runs
     save_file(teacher.state_dict(), str(tmp_path / 'teacher.safetensors'))
+    teacher.gates.set_constant_probability(0.4)  # greedy: the same; sampled, 4x as many blocks would run
+    save_file(teacher.state_dict(), str(tmp_path / 'teacher_p0.4.safetensors'))
     kd = {}
-    for gates in ('open', 'greedy'):
+    for gates, weights in (('open', 'teacher'), ('greedy', 'teacher'), ('greedy', 'teacher_p0.4')):
         AcceleratorState._reset_state(True)
-        train(_cfg(cifar10_dir, tmp_path / gates, stage='ft', steps=1, lr=0.0, export=False, seed=0,
-                   distill_from=str(tmp_path / 'teacher.safetensors'), distill_gates=gates))
-        kd[gates] = _logged(tmp_path / gates)[0]['kd']
-    assert all(math.isfinite(v) for v in kd.values()) and abs(kd['open'] - kd['greedy']) > 1e-3
+        out = tmp_path / f'{gates}_{weights}'
+        train(_cfg(cifar10_dir, out, stage='ft', steps=1, lr=0.0, export=False, seed=0,
+                   distill_from=str(tmp_path / f'{weights}.safetensors'), distill_gates=gates))
+        kd[gates, weights] = _logged(out)[0]['kd']
+    assert all(math.isfinite(v) for v in kd.values())
+    assert abs(kd['open', 'teacher'] - kd['greedy', 'teacher']) > 1e-3  # not every block
+    assert kd['greedy', 'teacher'] == kd['greedy', 'teacher_p0.4']  # p < 0.5 decides, not a draw from p
     AcceleratorState._reset_state(True)
     with pytest.raises(ValueError, match="distill-gates must be 'open'"):
         train(_cfg(cifar10_dir, tmp_path / 'bad', stage='ft', steps=1, distill_gates='sample',
@@ -473,3 +478,20 @@ def test_drop_path_drops_blocks_in_training_only_and_stays_out_of_the_exported_c
     train(_cfg(cifar10_dir, tmp_path, stage='base', steps=1, drop_path=0.1))
     with open(tmp_path / 'model' / 'config.json') as f:
         assert 'drop_path_rate' not in json.dumps(json.load(f))
+
+
+def test_sp_and_rl_reset_greedy_thresholds_they_would_not_train_under_and_ft_keeps_them(tmp_path):
+    from safetensors.torch import save_file
+
+    from timm_skipnet.train import build_model
+    model = timm.create_model('skipnet_resnet38_cifar', num_classes=10)
+    model.set_gate_thresholds([0.3] + [0.5] * (model.num_gated_blocks - 1))
+    save_file(model.state_dict(), str(tmp_path / 'thr.safetensors'))
+    for stage in ('sp', 'rl'):
+        with pytest.warns(UserWarning, match=f'--stage {stage} retrains the gates'):
+            trained, _, _ = build_model(TrainConfig(stage=stage, initial_checkpoint=str(tmp_path / 'thr.safetensors')),
+                                        num_classes=10)
+        assert torch.equal(trained.gate_thresholds, torch.full((model.num_gated_blocks,), 0.5))
+    kept, _, _ = build_model(TrainConfig(stage='ft', initial_checkpoint=str(tmp_path / 'thr.safetensors')),
+                             num_classes=10)
+    assert torch.allclose(kept.gate_thresholds, model.gate_thresholds)

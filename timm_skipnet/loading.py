@@ -57,6 +57,10 @@ def model_and_eval_loader(args):
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     model = load_model(args.model, args.checkpoint, args.num_classes or spec.num_classes, args.pretrained)
     model = model.to(device).eval()
+    # a sample of the split (--max-images) drawn from a shuffled stream where the caller asks (threshold): the
+    # first N images of an image folder sorted by class would be N images of a few classes
+    shuffle = bool(args.max_images) and getattr(args, 'shuffle', False)
     loader = make_loader(spec, split, build_transforms(model, is_training=False), args.batch_size,
-                         limit=args.max_images or None, workers=args.workers)
+                         limit=args.max_images or None, workers=args.workers, shuffle=shuffle,
+                         seed=getattr(args, 'seed', 0), shuffle_buffer=getattr(args, 'shuffle_buffer', 10_000))
     return model, loader, spec, split

@@ -41,6 +41,7 @@ class SkipNetTrace:
     probs: torch.Tensor  # (B, K) gate probability of executing
     actions: torch.Tensor  # (B, K) 1 = block executed, 0 = skipped
     log_probs: torch.Tensor  # (B, K) log pi(action), differentiable (REINFORCE)
+    gate_logits: Optional[torch.Tensor] = None  # (B, K) the gates' raw logits (p = sigmoid), exact where p rounds to 1
 
     @property
     def executed_blocks(self) -> torch.Tensor:
@@ -128,8 +129,9 @@ class SkipNetResNet(ResNet):
         self.set_execution(execution)
         ref = next(self.parameters())
         self.gates = create_gates(gate_type, self._gate_in_chs(), gate_init_bias, device=ref.device, dtype=ref.dtype)
-        # the greedy (inference) policy runs block k iff p_k > gate_thresholds[k]; saved with the weights
-        self.register_buffer('gate_thresholds', torch.full((self.gates.num_gates,), 0.5, device=ref.device))
+        # the greedy (inference) policy runs block k iff logit_k > gate_threshold_logits[k] (p_k > t_k); saved with
+        # the weights. Logits, not probabilities: a threshold between two gate values near p = 1 stays representable
+        self.register_buffer('gate_threshold_logits', torch.zeros(self.gates.num_gates, device=ref.device))
 
     def _gate_in_chs(self) -> List[int]:
         """Input channels of every gated block (all but the first), from feature_info: no dummy forward."""
@@ -150,26 +152,46 @@ class SkipNetResNet(ResNet):
             raise ValueError(f'execution must be one of {EXECUTION_MODES}, got {execution!r}.')
         self.execution = execution
 
+    def _apply(self, fn, recurse=True):
+        # .to(bfloat16) / .half() cast every float buffer: keep the thresholds float32, where they were calibrated
+        saved = self._buffers.get('gate_threshold_logits')
+        super()._apply(fn, recurse)
+        if saved is not None:  # follow the device (and meta / to_empty), not the dtype
+            moved = self._buffers['gate_threshold_logits']
+            self._buffers['gate_threshold_logits'] = saved.to(device=moved.device, dtype=torch.float32)
+        return self
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # weights saved before gate thresholds existed (trainer resumes, timm's load_checkpoint): the p > 0.5 rule
-        key = prefix + 'gate_thresholds'
-        if key not in state_dict and 'gate_thresholds' in self._buffers:
-            state_dict[key] = torch.full_like(self.gate_thresholds, 0.5)
+        # older weights (trainer resumes, timm's load_checkpoint, strict loads): thresholds saved as probabilities
+        # ('gate_thresholds', timm-skipnet 0.x) become logits; none at all means the p > 0.5 rule they were trained with
+        key, old_key = prefix + 'gate_threshold_logits', prefix + 'gate_thresholds'
+        if 'gate_threshold_logits' in self._buffers:
+            old = state_dict.pop(old_key, None)
+            if key not in state_dict:
+                state_dict[key] = (torch.zeros_like(self.gate_threshold_logits) if old is None
+                                   else torch.logit(old.double()).float())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    @property
+    def gate_thresholds(self) -> torch.Tensor:
+        """Per-gate thresholds t_k of the greedy policy as probabilities (block k runs iff p_k > t_k)."""
+        return torch.sigmoid(self.gate_threshold_logits.double()).float()
+
     @torch.no_grad()
-    def set_gate_thresholds(self, thresholds: Union[float, List[float]]) -> None:
+    def set_gate_thresholds(self, thresholds: Union[float, List[float]], logits: bool = False) -> None:
         """Per-gate decision thresholds of the greedy policy: block k runs iff p_k > t_k (0.5 after training).
         Raising a gate's threshold skips its block for more images, lowering it runs the block for more: a
         compute budget set after training, without retraining. Training policies (sample, straight-through) keep
-        their own rules."""
-        t = torch.tensor(thresholds, dtype=torch.float32)
+        their own rules. ``logits=True``: the values are logit(t_k) (any real, +-inf included)."""
+        t = torch.tensor(thresholds, dtype=torch.float64)
         if t.dim() == 0:
             t = t.expand(self.gates.num_gates)
-        if t.shape != (self.gates.num_gates,) or not bool(((t >= 0) & (t <= 1)).all()):
-            raise ValueError(f'gate thresholds must be one probability in [0, 1] or {self.gates.num_gates} of them '
-                             f'(one per gated block), got {thresholds!r}.')
-        self.gate_thresholds.copy_(t)
+        valid = ~t.isnan() if logits else (t >= 0) & (t <= 1)
+        if t.shape != (self.gates.num_gates,) or not bool(valid.all()):
+            form = 'logit (not NaN)' if logits else 'probability in [0, 1]'
+            raise ValueError(f'gate thresholds must be one {form} or {self.gates.num_gates} of them (one per gated '
+                             f'block), got {thresholds!r}.')
+        self.gate_threshold_logits.copy_(t if logits else torch.logit(t))
 
     @property
     def num_gated_blocks(self) -> int:
@@ -234,9 +256,8 @@ class SkipNetResNet(ResNet):
             taps.append(x)
         x = self.maxpool(x)
         state = self.gates.init_state(x) if use_gates else None
-        # logit(t): one tiny op, no host sync; logit(0.5) = 0 exactly, so default thresholds change nothing
-        thr = torch.logit(self.gate_thresholds.float()) if policy == 'greedy' else None
-        probs, actions, log_probs = [], [], []
+        thr = self.gate_threshold_logits if policy == 'greedy' else None  # 0 = the p > 0.5 rule
+        probs, actions, log_probs, gate_logits = [], [], [], []
         k = 0
         last_stage = len(self.stage_names) if stop_index is None else stop_index
         for s, name in enumerate(self.stage_names[:last_stage]):
@@ -259,6 +280,7 @@ class SkipNetResNet(ResNet):
                         probs.append(d.prob)
                         actions.append(d.action)
                         log_probs.append(d.log_prob)
+                        gate_logits.append(logits)
                     if execution == 'sparse':
                         x = _run_sparse(block, x, d.action > 0.5, reuse_input=not in_place_unsafe)
                     else:
@@ -274,10 +296,10 @@ class SkipNetResNet(ResNet):
         trace = None
         if with_trace:
             if probs:
-                trace = (torch.stack(probs, 1), torch.stack(actions, 1), torch.stack(log_probs, 1))
+                trace = tuple(torch.stack(t, 1) for t in (probs, actions, log_probs, gate_logits))
             else:
                 empty = x.new_zeros(x.shape[0], 0)
-                trace = (empty, empty, empty)
+                trace = (empty, empty, empty, empty)
         return x, taps, trace
 
     def forward_features(self, x: torch.Tensor, gate_policy: Optional[str] = None) -> torch.Tensor:
@@ -388,10 +410,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SkipNetResN
         from .original import convert_original_state_dict  # lazy: only for original checkpoints
         state_dict = convert_original_state_dict(state_dict, model)
     own = model.state_dict()
-    for k, v in own.items():
-        if k == 'gate_thresholds' and k not in state_dict:
-            state_dict[k] = torch.full_like(v, 0.5)  # older weights: the p > 0.5 rule they were trained with
-        elif k.startswith('gates.') and k not in state_dict:
+    for k, v in own.items():  # missing thresholds are filled by SkipNetResNet._load_from_state_dict
+        if k.startswith('gates.') and k not in state_dict:
             state_dict[k] = v
     return state_dict
 

@@ -3,7 +3,9 @@
 A trained gate's probabilities rank the images even where all of them fall on one side of 0.5 (REINFORCE often
 ends that way): moving the threshold turns an always-closed or always-open gate into a per-image one, and sets the
 compute budget, without retraining. The share is measured on a split you choose (by default ``train``, so the test
-split stays unseen); the weights are saved with the new threshold (``gate_thresholds`` travels with them).
+split stays unseen); the weights are saved with the new threshold (``gate_threshold_logits`` travels with them).
+Calibrated on the gates' logits, the quantity the greedy policy compares, so the share printed is the share the
+model will run, also for gates whose probabilities all round to 1.
 """
 import os
 
@@ -11,10 +13,10 @@ import torch
 
 
 @torch.no_grad()
-def gate_probabilities(model, loader, gate: int) -> torch.Tensor:
-    """p of ``gate`` for every image, the model's current thresholds deciding the other gates."""
+def gate_logits(model, loader, gate: int) -> torch.Tensor:
+    """logit of ``gate`` for every image (float32), the model's current thresholds deciding the other gates."""
     device = next(model.parameters()).device
-    return torch.cat([model(x.to(device), return_trace=True).probs[:, gate].cpu() for x, _, _ in loader
+    return torch.cat([model(x.to(device), return_trace=True).gate_logits[:, gate].float().cpu() for x, _, _ in loader
                       if x is not None])
 
 
@@ -23,10 +25,11 @@ def check_rate(rate: float) -> None:
         raise ValueError(f'--rate must be in (0, 1) (the share of images that run the block), got {rate}.')
 
 
-def threshold_for_rate(probs: torch.Tensor, rate: float) -> float:
-    """The t for which p > t holds for ``rate`` of ``probs`` (up to ties)."""
+def threshold_for_rate(values: torch.Tensor, rate: float) -> float:
+    """The t for which value > t holds for ``rate`` of ``values`` (up to ties), as a float32 number: the model
+    compares in float32, so the share is measured against exactly the threshold it will use."""
     check_rate(rate)
-    return torch.quantile(probs.double(), 1.0 - rate).item()
+    return torch.quantile(values.double(), 1.0 - rate).float().item()
 
 
 def set_threshold_for_rate(model, loader, gate: int, rate: float) -> tuple:
@@ -34,12 +37,12 @@ def set_threshold_for_rate(model, loader, gate: int, rate: float) -> tuple:
     if not 0 <= gate < model.num_gated_blocks:
         raise ValueError(f'--gate must be in [0, {model.num_gated_blocks - 1}] for this model, got {gate}.')
     check_rate(rate)
-    probs = gate_probabilities(model, loader, gate)
-    t = threshold_for_rate(probs, rate)
-    thresholds = model.gate_thresholds.clone()
+    logits = gate_logits(model, loader, gate)
+    t = threshold_for_rate(logits, rate)
+    thresholds = model.gate_threshold_logits.clone()
     thresholds[gate] = t
-    model.set_gate_thresholds(thresholds.tolist())
-    return t, (probs > t).float().mean().item(), len(probs)
+    model.set_gate_thresholds(thresholds.tolist(), logits=True)
+    return t, (logits > model.gate_threshold_logits[gate].cpu()).float().mean().item(), len(logits)
 
 
 def main(args) -> None:
@@ -51,13 +54,15 @@ def main(args) -> None:
     if not args.output.endswith('.safetensors'):
         raise ValueError(f'--output must be a .safetensors file, got {args.output!r}.')
     args.split = args.split or 'train'
+    args.shuffle = True
     model, loader, _, split = model_and_eval_loader(args)
     t, share, n = set_threshold_for_rate(model, loader, args.gate, args.rate)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     tmp = args.output + '.tmp'
     save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, tmp)
     os.replace(tmp, args.output)
-    print(f'gate {args.gate}: threshold {t:.6f} runs the block for {100 * share:.1f} % of {n} {split} images '
+    print(f'gate {args.gate}: threshold logit {t:.6f} (p > {torch.sigmoid(torch.tensor(t, dtype=torch.float64)):.6f}) '
+          f'runs the block for {100 * share:.1f} % of {n} {split} images '
           f'-> {args.output}')
 
 
@@ -71,7 +76,10 @@ def add_parser(sub) -> None:
     p.add_argument('--split', default='', help='where the share is measured (default: train)')
     p.add_argument('--image-column', default=None)
     p.add_argument('--label-column', default=None)
-    p.add_argument('--max-images', type=int, default=10_000, help='0: the whole split')
+    p.add_argument('--max-images', type=int, default=10_000, help=(
+        'a sample of this many images from the shuffled split (buffer --shuffle-buffer, --seed); 0: the whole split'))
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--shuffle-buffer', type=int, default=10_000)
     p.add_argument('-b', '--batch-size', type=int, default=256)
     p.add_argument('--device', default='')
     p.add_argument('--workers', type=int, default=0)

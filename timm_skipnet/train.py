@@ -188,6 +188,14 @@ def build_model(cfg: TrainConfig, num_classes: int):
     if cfg.reset_gates:
         model.gates.init_weights(cfg.gate_init_bias)
         model.set_gate_thresholds(0.5)
+    elif cfg.stage in ('sp', 'rl') and bool(model.gate_threshold_logits.any()):
+        # sp / rl train the gates under their own p > 0.5 / sampling rules: thresholds calibrated on the old gates
+        # would only shift the retrained policy at evaluation
+        import warnings
+        warnings.warn(f'--stage {cfg.stage} retrains the gates: the greedy thresholds of {cfg.initial_checkpoint} '
+                      f'({[round(t, 4) for t in model.gate_thresholds.tolist()]}) are reset to 0.5; calibrate new ones '
+                      'afterwards with `timm-skipnet threshold`.', stacklevel=2)
+        model.set_gate_thresholds(0.5)
     return model, arch, model_args
 
 
