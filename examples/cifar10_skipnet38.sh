@@ -203,7 +203,7 @@ if [[ $stage == thr || $stage == thr_cos ]]; then
     s6=131e5e4b32143dcd3bc288c868ef7e645738c9df8e416feaa7f1bc0e8c072344
     if ! echo "$s6  hub_configs/skipnet_resnet38_cifar.cifar10/model.safetensors" | sha256sum -c --status; then
       echo "stage $stage starts from the session-6 weights (sha256 $s6), but hub_configs/ now holds others:" \
-           "check them out with 'git show 88be1f8:hub_configs/skipnet_resnet38_cifar.cifar10/model.safetensors'" >&2
+           "restore them with 'git checkout 88be1f8 -- hub_configs/skipnet_resnet38_cifar.cifar10'" >&2
       exit 1
     fi
     mkdir -p "$pub.tmp" && cp hub_configs/skipnet_resnet38_cifar.cifar10/{config.json,model.safetensors} "$pub.tmp/"
@@ -248,7 +248,7 @@ if [[ $stage == dp_all ]]; then
       --smoothing 0.1 "${SWA[@]}" "${DP[@]}"
   run c10_r38_dp_swa25 --stage base --initial-checkpoint "$RUNS/c10_r38_dp/model" --weight-decay 5e-4 \
       --smoothing 0.1 "${SWA[@]}" --epochs 25 "${DP[@]}"
-  for alpha in ${DP_ALPHAS:-0.7 0.65}; do
+  for alpha in ${DP_ALPHAS:-0.7 0.68}; do
     run "c10_r38_dp_rl_a$alpha" --stage rl --initial-checkpoint "$RUNS/c10_r38_dp/model" --epochs 10 \
         --lr 0.01 --weight-decay 1e-4 --sched cosine --reset-gates --gate-init-bias 0 --rl-baseline batch_mean \
         --alpha "$alpha" --rl-warmup-epochs 3 --eval-every-epochs 5 "${DP[@]}"
