@@ -201,7 +201,7 @@ if [[ $stage == thr || $stage == thr_cos ]]; then
   if [ ! -f "$pub/model.safetensors" ]; then
     # pinned: the session-6 weights, not whatever is published when this runs
     s6=131e5e4b32143dcd3bc288c868ef7e645738c9df8e416feaa7f1bc0e8c072344
-    if ! echo "$s6  hub_configs/skipnet_resnet38_cifar.cifar10/model.safetensors" | sha256sum -c --status; then
+    if [ "$(sha256sum < hub_configs/skipnet_resnet38_cifar.cifar10/model.safetensors | cut -d' ' -f1)" != "$s6" ]; then
       echo "stage $stage starts from the session-6 weights (sha256 $s6), but hub_configs/ now holds others:" \
            "restore them with 'git checkout 88be1f8 -- hub_configs/skipnet_resnet38_cifar.cifar10'" >&2
       exit 1
