@@ -338,9 +338,16 @@ def main():
     cfg = _config(run_dir)
     # the whole lineage, ledger-only ancestors included; their hours where the ledger recorded them
     chain = _lineage(run_dir, ledger)
-    timed = [n for n in chain if runs.get(n, ledger.get(n, {})).get('hours') is not None]
-    hours = sum(runs.get(n, ledger.get(n))['hours'] for n in timed)
-    untimed = [n for n in chain if n not in timed]
+    def run_hours(name):
+        recorded = (runs.get(name) or ledger.get(name) or {}).get('hours')
+        if recorded is not None:
+            return recorded
+        path = os.path.join(args.runs, name)
+        return _wall_time(path) / 3600 if _is_run(path) else None
+
+    hours_by_run = {n: run_hours(n) for n in chain}
+    hours = sum(h for h in hours_by_run.values() if h is not None)
+    untimed = [n for n, h in hours_by_run.items() if h is None]
     verdict = ('meets the target (>= 30 % fewer MACs within 0.5 points of the reference, the most accurate '
                'gates-open ResNet-38 trained by this project)' if chosen in ok else
                'MISSES the target of >= 30 % fewer MACs within 0.5 points of the reference (the most accurate '

@@ -195,8 +195,9 @@ fi
 if [[ $stage == thr || $stage == thr_cos ]]; then
   # from the session-6 published weights (12 static blocks, 90.01 %, 165 epochs), copied once to runs/ so that a
   # republished folder does not change the start: gate THR_GATES runs its block for THR_RATE of the training images
-  # (timm-skipnet threshold), then 10 epochs of SWA ft self-distilled from the published model running its
-  # own gates (175 epochs in all, as long2_swa35). thr_ctl is the same ft without the threshold (the control)
+  # (timm-skipnet threshold, on the first 10,000 training images as in session 9), then 10 epochs of SWA ft
+  # self-distilled from the published model running its own gates (175 epochs in all, as long2_swa35). thr_ctl is
+  # the same ft without the threshold (the control)
   pub="$RUNS/c10_r38_published_s6"
   if [ ! -f "$pub/model.safetensors" ]; then
     # pinned: the session-6 weights, not whatever is published when this runs
@@ -224,7 +225,7 @@ if [[ $stage == thr || $stage == thr_cos ]]; then
     name="thr_g${gate}_r${THR_RATE:-0.5}"
     init="$RUNS/c10_r38_${name}.init.safetensors"
     [ -f "$init" ] || "$PY" -m timm_skipnet.cli threshold --model skipnet_resnet38_cifar --checkpoint "$pub" \
-        --num-classes 10 --dataset "$DATA" --gate "$gate" --rate "${THR_RATE:-0.5}" --output "$init"
+        --num-classes 10 --dataset "$DATA" --gate "$gate" --rate "${THR_RATE:-0.5}" --sample first --output "$init"
     [ -f "$init.origin" ] || echo "$pub" > "$init.origin"
     run "c10_r38_$name$suffix" --initial-checkpoint "$init" "${THR[@]}"
   done

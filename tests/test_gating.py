@@ -309,3 +309,30 @@ def test_bad_gate_thresholds_are_refused_with_the_expected_form(bad):
     model = timm.create_model('skipnet_resnet38_cifar')
     with pytest.raises(ValueError, match='one per gated block'):
         model.set_gate_thresholds(bad)
+
+
+def test_forced_thresholds_survive_weight_averaging_and_a_meta_model_loads_them_after_to_empty(tmp_path):
+    from safetensors.torch import save_file
+    from timm.utils import ModelEmaV3
+
+    from timm_skipnet.loading import load_weights
+    model = timm.create_model('skipnet_resnet38_cifar').eval()
+    k = model.num_gated_blocks
+    t = [0.5] * k
+    t[2], t[5] = 0.0, 1.0  # forced on / off: finite sentinels, not +-inf, which an EMA lerp turns into NaN
+    model.set_gate_thresholds(t)
+    ema = ModelEmaV3(model, decay=0.9)
+    for _ in range(3):
+        ema.update(model, step=1)
+    assert torch.isfinite(ema.module.gate_threshold_logits).all()
+    assert torch.equal(ema.module.gate_thresholds, model.gate_thresholds)
+    # fresh gates are open (p = 0.95): gate 5 closes only by its threshold; gate 2 would close on a NaN threshold
+    actions = ema.module.eval().forward_with_gates(torch.randn(4, 3, 32, 32)).actions
+    assert actions[:, 2].min() == 1 and actions[:, 5].max() == 0 and actions[:, 3].min() == 1
+    save_file(model.state_dict(), str(tmp_path / 'w.safetensors'))
+    meta = timm.create_model('skipnet_resnet38_cifar', device='meta')
+    assert meta.gate_threshold_logits.is_meta
+    meta = meta.to_empty(device='cpu')
+    load_weights(meta, str(tmp_path / 'w.safetensors'))
+    assert torch.equal(meta.gate_threshold_logits, model.gate_threshold_logits)
+    assert meta.to(torch.bfloat16).gate_threshold_logits.dtype == torch.float32

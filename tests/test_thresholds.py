@@ -8,7 +8,15 @@ import torch
 from safetensors.torch import save_file
 
 from tests.helpers import randomize_gates
-from timm_skipnet.data import DataSpec, build_transforms, make_loader
+from timm_skipnet.data import (
+    DataSpec,
+    ImageStream,
+    build_transforms,
+    collate_skipping_bad,
+    load_stream,
+    make_loader,
+    uniform_sample,
+)
 from timm_skipnet.loading import load_weights
 
 CLI = [sys.executable, '-m', 'timm_skipnet.cli', 'threshold']
@@ -30,8 +38,11 @@ def test_the_threshold_runs_the_block_for_the_asked_share_of_the_split_and_touch
     assert torch.equal(torch.cat([model.gate_thresholds[:3], model.gate_thresholds[4:]]),
                        torch.cat([expected[:3], expected[4:]]))
     spec = DataSpec(cifar10_dir).resolved()
-    # the sample is drawn from the shuffled split (seed 0), not its first 64 images (class-sorted folders)
-    loader = make_loader(spec, 'train', build_transforms(model, is_training=False), 32, limit=64, shuffle=True)
+    # the sample is drawn uniformly from the whole split (seed 0), not its first 64 images (class-sorted folders)
+    rows = uniform_sample(load_stream(spec, 'train'), 64, seed=0)
+    loader = torch.utils.data.DataLoader(ImageStream(rows, build_transforms(model, is_training=False),
+                                                     spec.image_column, spec.label_column),
+                                         batch_size=32, collate_fn=collate_skipping_bad)
     first = make_loader(spec, 'train', build_transforms(model, is_training=False), 32, limit=64)
     assert not torch.equal(torch.cat([y for _, y, _ in loader]), torch.cat([y for _, y, _ in first]))
     model.eval()
@@ -48,3 +59,16 @@ def test_a_rate_outside_zero_one_is_refused_before_anything_is_written(cifar10_d
                           '--max-images', '8', '--gate', '0', '--rate', rate, '--output', str(out)],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and '--rate must be in (0, 1)' in run.stderr and not out.exists()
+
+
+def test_the_uniform_sample_draws_every_row_of_a_class_sorted_stream_equally_often():
+    stream = [{'i': i, 'label': i // 100} for i in range(1000)]  # 10 classes of 100, sorted as in an image folder
+    counts = torch.zeros(1000)
+    for seed in range(200):
+        sample = uniform_sample(iter(stream), 100, seed=seed)
+        assert len({r['i'] for r in sample}) == 100  # without replacement
+        counts[[r['i'] for r in sample]] += 1
+    per_class = counts.view(10, 100).sum(1) / (200 * 100)
+    assert torch.allclose(per_class, torch.full((10,), 0.1), atol=0.01)  # the first 100 rows would be one class
+    assert counts.min() > 0 and abs(counts.mean().item() - 20.0) < 1e-6  # each row kept 20 times in 200 on average
+    assert uniform_sample(iter(stream[:7]), 100) == stream[:7]  # a split smaller than n: all of it

@@ -10,7 +10,7 @@ from .skipnet import (
     convert_to_skipnet,
 )
 
-__version__ = '0.1.0'
+__version__ = '0.2.0'
 
 __all__ = [
     'EXECUTION_MODES', 'GATE_TYPES', 'HUB_ORG', 'POLICIES', 'FeedForwardGates', 'GateDecision', 'RecurrentGates',

@@ -152,6 +152,22 @@ class ImageStream(torch.utils.data.IterableDataset):
             yield sample
 
 
+def uniform_sample(ds, n: int, seed: int = 0) -> list:
+    """``n`` rows drawn uniformly without replacement from the whole (undecoded) stream by reservoir sampling
+    (Algorithm R): one pass, ``n`` rows in memory, whatever the stream's order (image folders come sorted by class,
+    so their first ``n`` rows, or a shuffle buffer's, are a few classes)."""
+    import random
+    rng, reservoir = random.Random(seed), []
+    for i, row in enumerate(ds):
+        if i < n:
+            reservoir.append(row)
+        else:
+            j = rng.randint(0, i)
+            if j < n:
+                reservoir[j] = row
+    return reservoir
+
+
 def collate_skipping_bad(batch):
     """Stack good samples; return ``(images, labels, number_of_bad_images)``."""
     good = [b for b in batch if b is not None]

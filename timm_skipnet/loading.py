@@ -57,10 +57,17 @@ def model_and_eval_loader(args):
     device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     model = load_model(args.model, args.checkpoint, args.num_classes or spec.num_classes, args.pretrained)
     model = model.to(device).eval()
-    # a sample of the split (--max-images) drawn from a shuffled stream where the caller asks (threshold): the
-    # first N images of an image folder sorted by class would be N images of a few classes
-    shuffle = bool(args.max_images) and getattr(args, 'shuffle', False)
-    loader = make_loader(spec, split, build_transforms(model, is_training=False), args.batch_size,
-                         limit=args.max_images or None, workers=args.workers, shuffle=shuffle,
-                         seed=getattr(args, 'seed', 0), shuffle_buffer=getattr(args, 'shuffle_buffer', 10_000))
+    transform = build_transforms(model, is_training=False)
+    if args.max_images and getattr(args, 'sample', 'first') == 'uniform':
+        # a uniform sample of the whole split (threshold): the first N images of an image folder sorted by class
+        # would be N images of a few classes
+        import torch.utils.data as tud
+
+        from .data import ImageStream, collate_skipping_bad, load_stream, uniform_sample
+        rows = uniform_sample(load_stream(spec, split), args.max_images, seed=getattr(args, 'seed', 0))
+        loader = tud.DataLoader(ImageStream(rows, transform, spec.image_column, spec.label_column),
+                                batch_size=args.batch_size, collate_fn=collate_skipping_bad)
+    else:
+        loader = make_loader(spec, split, transform, args.batch_size, limit=args.max_images or None,
+                             workers=args.workers)
     return model, loader, spec, split

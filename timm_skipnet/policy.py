@@ -24,7 +24,7 @@ def hard_decision(logits: torch.Tensor, threshold_logit: float = 0.0) -> torch.T
     """1 where p = sigmoid(logit) > t, i.e. logit > logit(t) (t = 0.5 unless the model sets per-gate thresholds).
     Decided on the logit: float32 sigmoid rounds logits within ~3e-8 of 0 to exactly 0.5, and the logit test keeps
     every path (train, eval, sparse, dense) on the same side of the line."""
-    return (logits > threshold_logit).to(logits.dtype)
+    return (logits.float() > threshold_logit).to(logits.dtype)  # float32: a bf16 compare would round the threshold
 
 
 def straight_through(prob: torch.Tensor, hard: torch.Tensor = None) -> torch.Tensor:

@@ -75,6 +75,16 @@ def _run_sparse(block: nn.Module, x: torch.Tensor, run: torch.Tensor, reuse_inpu
     return out.index_copy_(0, idx_run, y_run).index_copy_(0, idx_skip, y_skip)
 
 
+# logit(0) / logit(1) as finite numbers: every finite gate logit is above / below them, and unlike +-inf they survive
+# weight averaging (EMA / SWA lerp of inf and inf is NaN, and logit > NaN is never true)
+THRESHOLD_LOGIT_LIMIT = 1e30
+
+
+def _threshold_logits(probabilities: torch.Tensor) -> torch.Tensor:
+    """logit(t) in float64, rounded once to float32; t = 0 / 1 become -/+ THRESHOLD_LOGIT_LIMIT."""
+    return torch.logit(probabilities.double()).clamp(-THRESHOLD_LOGIT_LIMIT, THRESHOLD_LOGIT_LIMIT).float()
+
+
 class SkipNetResNet(ResNet):
     """timm ResNet with SkipNet gates.
 
@@ -156,25 +166,29 @@ class SkipNetResNet(ResNet):
         # .to(bfloat16) / .half() cast every float buffer: keep the thresholds float32, where they were calibrated
         saved = self._buffers.get('gate_threshold_logits')
         super()._apply(fn, recurse)
-        if saved is not None:  # follow the device (and meta / to_empty), not the dtype
-            moved = self._buffers['gate_threshold_logits']
-            self._buffers['gate_threshold_logits'] = saved.to(device=moved.device, dtype=torch.float32)
+        moved = self._buffers.get('gate_threshold_logits')
+        if saved is not None and moved is not None and moved.dtype != torch.float32:
+            # follow the device, not the dtype; nothing to keep on a meta tensor (to_empty fills it on load)
+            self._buffers['gate_threshold_logits'] = (
+                moved.float() if saved.is_meta or moved.is_meta else saved.to(device=moved.device, dtype=torch.float32))
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # older weights (trainer resumes, timm's load_checkpoint, strict loads): thresholds saved as probabilities
-        # ('gate_thresholds', timm-skipnet 0.x) become logits; none at all means the p > 0.5 rule they were trained with
+        # ('gate_thresholds', timm-skipnet 0.1) become logits; none at all means the p > 0.5 rule they were trained with
         key, old_key = prefix + 'gate_threshold_logits', prefix + 'gate_thresholds'
         if 'gate_threshold_logits' in self._buffers:
             old = state_dict.pop(old_key, None)
             if key not in state_dict:
-                state_dict[key] = (torch.zeros_like(self.gate_threshold_logits) if old is None
-                                   else torch.logit(old.double()).float())
+                device = next((v.device for v in state_dict.values() if torch.is_tensor(v)), None)
+                state_dict[key] = (torch.zeros(self.gates.num_gates, device=device) if old is None
+                                   else _threshold_logits(old).to(device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def gate_thresholds(self) -> torch.Tensor:
-        """Per-gate thresholds t_k of the greedy policy as probabilities (block k runs iff p_k > t_k)."""
+        """Per-gate thresholds t_k of the greedy policy as probabilities (block k runs iff p_k > t_k). A computed
+        copy: change them with :meth:`set_gate_thresholds`."""
         return torch.sigmoid(self.gate_threshold_logits.double()).float()
 
     @torch.no_grad()
@@ -191,7 +205,8 @@ class SkipNetResNet(ResNet):
             form = 'logit (not NaN)' if logits else 'probability in [0, 1]'
             raise ValueError(f'gate thresholds must be one {form} or {self.gates.num_gates} of them (one per gated '
                              f'block), got {thresholds!r}.')
-        self.gate_threshold_logits.copy_(t if logits else torch.logit(t))
+        self.gate_threshold_logits.copy_(t.clamp(-THRESHOLD_LOGIT_LIMIT, THRESHOLD_LOGIT_LIMIT) if logits
+                                         else _threshold_logits(t))
 
     @property
     def num_gated_blocks(self) -> int:
@@ -268,7 +283,7 @@ class SkipNetResNet(ResNet):
                     logits, state = self.gates(k - 1, x, state)
                     if policy == 'greedy' and not with_trace and execution == 'sparse':
                         # the inference hot path: one comparison per gate (p > 0.5 iff logit > 0), nothing else
-                        run = logits > thr[k - 1]
+                        run = logits.float() > thr[k - 1]  # float32: a bf16 compare would round the threshold
                         if x.shape[0] == 1:
                             x = block(x) if run.item() else _shortcut(block, x)
                         else:

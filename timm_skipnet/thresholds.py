@@ -54,7 +54,6 @@ def main(args) -> None:
     if not args.output.endswith('.safetensors'):
         raise ValueError(f'--output must be a .safetensors file, got {args.output!r}.')
     args.split = args.split or 'train'
-    args.shuffle = True
     model, loader, _, split = model_and_eval_loader(args)
     t, share, n = set_threshold_for_rate(model, loader, args.gate, args.rate)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
@@ -76,10 +75,11 @@ def add_parser(sub) -> None:
     p.add_argument('--split', default='', help='where the share is measured (default: train)')
     p.add_argument('--image-column', default=None)
     p.add_argument('--label-column', default=None)
-    p.add_argument('--max-images', type=int, default=10_000, help=(
-        'a sample of this many images from the shuffled split (buffer --shuffle-buffer, --seed); 0: the whole split'))
+    p.add_argument('--max-images', type=int, default=10_000, help='images the share is measured on; 0: the whole split')
+    p.add_argument('--sample', choices=('uniform', 'first'), default='uniform', help=(
+        "uniform: --max-images drawn at random from the whole split (one undecoded pass; --seed); first: the "
+        "split's first images (fast, but a class-sorted folder gives a few classes)"))
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--shuffle-buffer', type=int, default=10_000)
     p.add_argument('-b', '--batch-size', type=int, default=256)
     p.add_argument('--device', default='')
     p.add_argument('--workers', type=int, default=0)
