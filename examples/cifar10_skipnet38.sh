@@ -247,6 +247,8 @@ fi
 if [[ $stage == dp_all ]]; then
   run c10_r38_dp_swa --stage base --initial-checkpoint "$RUNS/c10_r38_dp/model" --weight-decay 5e-4 \
       --smoothing 0.1 "${SWA[@]}" "${DP[@]}"
+  # the 25-epoch average continues the 15-epoch one (constant lr: bit-identical to a 25-epoch run from the start)
+  extend dp_swa dp_swa25
   run c10_r38_dp_swa25 --stage base --initial-checkpoint "$RUNS/c10_r38_dp/model" --weight-decay 5e-4 \
       --smoothing 0.1 "${SWA[@]}" --epochs 25 "${DP[@]}"
   for alpha in ${DP_ALPHAS:-0.7 0.68}; do
