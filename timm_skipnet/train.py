@@ -192,7 +192,8 @@ def build_model(cfg: TrainConfig, num_classes: int):
         # sp / rl train the gates under their own p > 0.5 / sampling rules: thresholds calibrated on the old gates
         # would only shift the retrained policy at evaluation
         import warnings
-        warnings.warn(f'--stage {cfg.stage} retrains the gates: the greedy thresholds of {cfg.initial_checkpoint} '
+        source = cfg.initial_checkpoint or cfg.model
+        warnings.warn(f'--stage {cfg.stage} retrains the gates: the greedy thresholds of {source} '
                       f'({[round(t, 4) for t in model.gate_thresholds.tolist()]}) are reset to 0.5; calibrate new ones '
                       'afterwards with `timm-skipnet threshold`.', stacklevel=2)
         model.set_gate_thresholds(0.5)
