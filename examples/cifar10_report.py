@@ -432,16 +432,18 @@ def _replot_published(runs, candidates, chosen: str, args) -> None:
 
 def print_table(runs, candidates, runs_dir: str) -> None:
     print('\n| run | epochs | top-1 (%) | MMACs / image | fewer MACs | blocks run (of 18) | gap to reference '
-          '| train time (this run) |')
-    print('|---|---:|---:|---:|---:|---:|---:|---:|')
+          '| gap to same-budget baseline | train time (this run) |')
+    print('|---|---:|---:|---:|---:|---:|---:|---:|---:|')
     for name, r in runs.items():
         s_ = r['summary']
         gates_open = _kind(name, r['family']) in ('backbone', 'baseline')  # run as the plain ResNet: no gate cost
         macs, fewer = (s_['macs_full'], 0.0) if gates_open else (s_['macs_mean'], s_['macs_reduction_pct'])
         gap = f"{candidates[name]['gap']:.2f}" if name in candidates else ''
+        same = candidates[name]['same_budget'] if name in candidates else None
+        gap_same = f"{runs[same]['summary']['top1'] - s_['top1']:.2f} ({same})" if same else ''
         hours = f"{_wall_time(os.path.join(runs_dir, name)) / 3600:.2f} h" if r['live'] else 'ledger'
         print(f"| {name} | {r['epochs']} | {s_['top1']:.2f} | {macs / 1e6:.2f} | "
-              f"{fewer:.1f} % | {s_['executed_blocks_mean']:.2f} | {gap} | {hours} |")
+              f"{fewer:.1f} % | {s_['executed_blocks_mean']:.2f} | {gap} | {gap_same} | {hours} |")
 
 
 def _first_n_top1(model, batches, n: int) -> float:
