@@ -73,6 +73,9 @@ r110() {
   if (( e1 < 8 )); then log "r110: too little time left for a meaningful trunk; skipped"; return; fi
   run c10_r110_base "${common[@]}" --stage base --epochs "$e1" --lr 0.2 --weight-decay 5e-4 --sched cosine \
       --warmup-epochs 1
+  if [ ! -f "$RUNS/c10_r110_base/model/model.safetensors" ]; then
+    log "r110: the trunk did not finish before the deadline; it resumes on the next call"; return
+  fi
   local pids=()
   run c10_r110_base_ft "${common[@]}" --stage base --initial-checkpoint "$RUNS/c10_r110_base/model" --epochs "$e2" \
       --lr 0.02 --weight-decay 1e-4 --sched cosine &

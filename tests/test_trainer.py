@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+import zlib
 
 import pytest
 import timm
@@ -495,3 +496,22 @@ def test_sp_and_rl_reset_greedy_thresholds_they_would_not_train_under_and_ft_kee
     kept, _, _ = build_model(TrainConfig(stage='ft', initial_checkpoint=str(tmp_path / 'thr.safetensors')),
                              num_classes=10)
     assert torch.allclose(kept.gate_thresholds, model.gate_thresholds)
+
+
+def test_every_loader_worker_reads_data_when_a_split_has_fewer_files_than_workers(tmp_path, cifar10_dir):
+    """One Parquet file of four row groups, four workers: every worker decodes a share, each image exactly once."""
+    import pyarrow.parquet as pq
+
+    from timm_skipnet.data import DataSpec, decode_image, make_loader
+    table = pq.read_table(os.path.join(cifar10_dir, 'test-00000-of-00001.parquet')).slice(0, 64)
+    pq.write_table(table, tmp_path / 'test-00000-of-00001.parquet', row_group_size=16)
+
+    def worker_and_checksum(img):
+        return torch.tensor([torch.utils.data.get_worker_info().id, zlib.crc32(img.tobytes())])
+
+    batches = list(make_loader(DataSpec(str(tmp_path)), 'test', worker_and_checksum, 4, shuffle=True, workers=4))
+    rows = torch.cat([images for images, _, _ in batches])
+    assert set(rows[:, 0].tolist()) == {0, 1, 2, 3}
+    assert len(rows) == 64
+    expected = sorted(zlib.crc32(decode_image(r).tobytes()) for r in table['img'].to_pylist())
+    assert sorted(rows[:, 1].tolist()) == expected

@@ -200,6 +200,10 @@ def make_loader(spec: DataSpec, split: str, transform: Callable, batch_size: int
     from datasets.distributed import split_dataset_by_node
     spec = spec.resolved()
     ds = load_stream(spec, split)
+    if workers * world_size > ds.n_shards and hasattr(ds, 'reshard'):
+        # each worker reads whole shards: two CIFAR files would keep all but two workers idle; Parquet row groups
+        # give more (datasets >= 4.1; must precede the shuffle)
+        ds = ds.reshard()
     if shuffle:
         ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer)
         ds.set_epoch(epoch)
