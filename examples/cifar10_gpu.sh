@@ -61,12 +61,16 @@ r110() {
   rm -rf "$RUNS/c10_r110_probe"
   run c10_r110_probe "${common[@]}" --stage base --steps "${PROBE_STEPS:-40}" --lr 0.1 --eval-num-samples 256 --no-export
   local epoch_s
+  # the probe's images/s plus EPOCH_OVERHEAD_S per epoch (loader workers restarted, shuffle buffer refilled): on an
+  # H200 the probe said 10.9 s per epoch and the 20-epoch trunk took 17.9
   epoch_s=$("$PY" -c "import json, sys; print(float(sys.argv[2]) / json.loads(open(sys.argv[1]).readlines()[-1])[
-            'img_per_s'])" "$RUNS/c10_r110_probe/log.jsonl" "${EPOCH_IMAGES:-50000}")
-  # trunk E1 epochs, then 1 + len(alphas) runs side by side for E2 = E1 / 4 epochs (each about 1 + 0.3 per extra
-  # run slower); 90 s for start-ups, evaluations and exports
+            'img_per_s'] + float(sys.argv[3]))" "$RUNS/c10_r110_probe/log.jsonl" "${EPOCH_IMAGES:-50000}" \
+            "${EPOCH_OVERHEAD_S:-7}")
+  # trunk E1 epochs, then 1 + len(alphas) runs side by side for E2 = E1 / 4 epochs (each about 1 + 0.6 per extra
+  # run slower: three such runs on an H200 did 7.8 updates/s each against 17 alone); 90 s for start-ups,
+  # evaluations and exports
   local e1 e2
-  e1=$("$PY" -c "import sys; t, s, n = map(float, sys.argv[1:]); print(int((t - 90) / (s * (1 + (1 + .3 * n) / 4))))" \
+  e1=$("$PY" -c "import sys; t, s, n = map(float, sys.argv[1:]); print(int((t - 90) / (s * (1 + (1 + .6 * n) / 4))))" \
        "$(left)" "$epoch_s" "${#alphas[@]}")
   e2=$(( e1 / 4 > 3 ? e1 / 4 : 3 ))
   log "r110: probe $epoch_s s/epoch -> trunk $e1 epochs, then $e2 epochs for the baseline and rl ${alphas[*]}"
