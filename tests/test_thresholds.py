@@ -72,3 +72,45 @@ def test_the_uniform_sample_draws_every_row_of_a_class_sorted_stream_equally_oft
     assert torch.allclose(per_class, torch.full((10,), 0.1), atol=0.01)  # the first 100 rows would be one class
     assert counts.min() > 0 and abs(counts.mean().item() - 20.0) < 1e-6  # each row kept 20 times in 200 on average
     assert uniform_sample(iter(stream[:7]), 100) == stream[:7]  # a split smaller than n: all of it
+
+
+def test_one_offset_on_every_threshold_saves_the_asked_share_of_macs_and_keeps_forced_gates(cifar10_dir, tmp_path):
+    from timm_skipnet.accounting import measure_mac_table
+    from timm_skipnet.thresholds import mean_macs_reduction
+    model = timm.create_model('skipnet_resnet38_cifar', num_classes=10)
+    randomize_gates(model, scale=0.5)
+    model.set_gate_thresholds([0.0] + [0.5] * (model.num_gated_blocks - 1))  # gate 0 forced open
+    save_file(model.state_dict(), str(tmp_path / 'in.safetensors'))
+    out = tmp_path / 'out.safetensors'
+    run = subprocess.run(CLI + ['--model', 'skipnet_resnet38_cifar', '--checkpoint', str(tmp_path / 'in.safetensors'),
+                                '--dataset', cifar10_dir, '--max-images', '64', '--macs-reduction', '30',
+                                '--output', str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert 'of the MACs on 64 train images' in run.stdout
+    load_weights(model, str(out))
+    model.eval()
+    assert model.gate_thresholds[0].item() == 0.0  # forced open stays forced open
+    offsets = model.gate_threshold_logits[1:]
+    assert torch.allclose(offsets, offsets[:1].expand_as(offsets)) and offsets[0].item() != 0.0  # one shared shift
+    spec = DataSpec(cifar10_dir).resolved()
+    rows = uniform_sample(load_stream(spec, 'train'), 64, seed=0)
+    loader = torch.utils.data.DataLoader(ImageStream(rows, build_transforms(model, is_training=False),
+                                                     spec.image_column, spec.label_column),
+                                         batch_size=32, collate_fn=collate_skipping_bad)
+    batches = [x for x, _, _ in loader]
+    saved = mean_macs_reduction(model, batches, measure_mac_table(model))
+    assert 30.0 <= saved <= 32.0  # the smallest shift reaching 30 %: one image's block more or less is ~0.1 %
+    printed = float(run.stdout.split('saves ')[1].split(' %')[0])
+    assert abs(printed - saved) < 0.01
+
+
+def test_a_macs_reduction_out_of_reach_or_mixed_with_gate_and_rate_is_refused(cifar10_dir, tmp_path):
+    out = tmp_path / 'out.safetensors'
+    base = CLI + ['--model', 'skipnet_resnet38_cifar', '--dataset', cifar10_dir, '--max-images', '8',
+                  '--output', str(out)]
+    mixed = subprocess.run(base + ['--macs-reduction', '30', '--gate', '0', '--rate', '0.5'], capture_output=True,
+                           text=True, timeout=300)
+    assert mixed.returncode != 0 and 'either --gate and --rate' in mixed.stderr
+    # 99 % is more than skipping every gated block saves (the stem, first block and head always run)
+    far = subprocess.run(base + ['--macs-reduction', '99'], capture_output=True, text=True, timeout=300)
+    assert far.returncode != 0 and 'out of reach' in far.stderr and not out.exists()

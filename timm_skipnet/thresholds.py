@@ -1,4 +1,5 @@
-"""Per-image gates after training: set one gate's greedy threshold so its block runs for a chosen share of images.
+"""Per-image gates after training: set one gate's greedy threshold so its block runs for a chosen share of images,
+or shift every gate's threshold by one logit offset so the model saves a chosen share of its MACs.
 
 A trained gate's probabilities rank the images even where all of them fall on one side of 0.5 (REINFORCE often
 ends that way): moving the threshold turns an always-closed or always-open gate into a per-image one, and sets the
@@ -45,28 +46,86 @@ def set_threshold_for_rate(model, loader, gate: int, rate: float) -> tuple:
     return t, (logits > model.gate_threshold_logits[gate].cpu()).float().mean().item(), len(logits)
 
 
+@torch.no_grad()
+def mean_macs_reduction(model, batches, table) -> float:
+    """Percent of the full model's MACs that the greedy policy saves on ``batches``, counted exactly per image."""
+    device = next(model.parameters()).device
+    macs = torch.cat([table.per_image_macs(model(x.to(device), return_trace=True).actions.cpu()) for x in batches])
+    return 100.0 * (1.0 - macs.mean().item() / table.full_macs)
+
+
+def set_thresholds_for_macs_reduction(model, loader, reduction: float, iterations: int = 20,
+                                      offset_range: float = 30.0) -> tuple:
+    """Add one logit offset to every gate's threshold (forced gates, at +-THRESHOLD_LOGIT_LIMIT, stay forced) so
+    that the model saves ``reduction`` percent of its MACs on ``loader``'s images: one knob along the trained
+    ranking of every gate, the accuracy / compute trade-off of a single trained model. The saving grows with the
+    offset (a higher threshold runs fewer blocks; with the RNN gate, decisions also feed later gates, so bisection
+    on the measured saving, not on each gate alone). Returns ``(offset, measured reduction %, images)``."""
+    from .accounting import measure_mac_table
+    from .skipnet import THRESHOLD_LOGIT_LIMIT
+    table = measure_mac_table(model)
+    batches = [x for x, _, _ in loader if x is not None]  # decoded once, reused by every bisection step
+    base = model.gate_threshold_logits.clone()
+    forced = base.abs() >= THRESHOLD_LOGIT_LIMIT
+
+    def saving_at(offset: float) -> float:
+        model.set_gate_thresholds(torch.where(forced, base, base + offset).tolist(), logits=True)
+        return mean_macs_reduction(model, batches, table)
+
+    lo, hi = -offset_range, offset_range
+    r_lo, r_hi = saving_at(lo), saving_at(hi)
+    if not r_lo <= reduction <= r_hi:
+        model.set_gate_thresholds(base.tolist(), logits=True)
+        raise ValueError(f'--macs-reduction {reduction} is out of reach for this model: shifting every threshold by '
+                         f'-/+{offset_range} logits saves {r_lo:.1f} .. {r_hi:.1f} % of the MACs on these images.')
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        if saving_at(mid) < reduction:
+            lo = mid
+        else:
+            hi = mid
+    offset = hi  # the smallest offset found that saves at least ``reduction``
+    return offset, saving_at(offset), sum(len(x) for x in batches)
+
+
 def main(args) -> None:
     """``timm-skipnet threshold``."""
     from safetensors.torch import save_file
 
     from .loading import model_and_eval_loader
-    check_rate(args.rate)
+    budget = args.macs_reduction is not None
+    if budget == (args.gate is not None or args.rate is not None):
+        raise ValueError('Pass either --gate and --rate (one gate runs its block for a share of the images) or '
+                         '--macs-reduction (every threshold shifted to save a share of the MACs).')
+    if budget and not 0.0 <= args.macs_reduction < 100.0:
+        raise ValueError(f'--macs-reduction is a percentage in [0, 100), got {args.macs_reduction}.')
+    if not budget:
+        if args.gate is None or args.rate is None:
+            raise ValueError('--gate and --rate go together.')
+        check_rate(args.rate)
     if not args.output.endswith('.safetensors'):
         raise ValueError(f'--output must be a .safetensors file, got {args.output!r}.')
     args.split = args.split or 'train'
     model, loader, _, split = model_and_eval_loader(args)
-    t, share, n = set_threshold_for_rate(model, loader, args.gate, args.rate)
+    if budget:
+        offset, saved, n = set_thresholds_for_macs_reduction(model, loader, args.macs_reduction)
+        message = (f'every threshold shifted by {offset:+.4f} logits saves {saved:.2f} % of the MACs on {n} {split} '
+                   f'images')
+    else:
+        t, share, n = set_threshold_for_rate(model, loader, args.gate, args.rate)
+        message = (f'gate {args.gate}: threshold logit {t:.6f} (p > '
+                   f'{torch.sigmoid(torch.tensor(t, dtype=torch.float64)):.6f}) runs the block for {100 * share:.1f} '
+                   f'% of {n} {split} images')
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     tmp = args.output + '.tmp'
     save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, tmp)
     os.replace(tmp, args.output)
-    print(f'gate {args.gate}: threshold logit {t:.6f} (p > {torch.sigmoid(torch.tensor(t, dtype=torch.float64)):.6f}) '
-          f'runs the block for {100 * share:.1f} % of {n} {split} images '
-          f'-> {args.output}')
+    print(f'{message} -> {args.output}')
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser('threshold', help="set one gate's greedy threshold so its block runs for a share of images")
+    p = sub.add_parser('threshold', help="set one gate's greedy threshold so its block runs for a share of images, "
+                                         "or every threshold so the model saves a share of its MACs")
     p.add_argument('--model', required=True, help='skipnet_* name, local-dir:<folder> or hf-hub:<repo>')
     p.add_argument('--checkpoint', default='', help='weights file or exported folder to load on top')
     p.add_argument('--pretrained', action='store_true')
@@ -83,7 +142,10 @@ def add_parser(sub) -> None:
     p.add_argument('-b', '--batch-size', type=int, default=256)
     p.add_argument('--device', default='')
     p.add_argument('--workers', type=int, default=0)
-    p.add_argument('--gate', type=int, required=True, help='gate index (gate k decides block k + 1)')
-    p.add_argument('--rate', type=float, required=True, help='share of the images that should run the block')
+    p.add_argument('--gate', type=int, default=None, help='gate index (gate k decides block k + 1)')
+    p.add_argument('--rate', type=float, default=None, help='share of the images that should run the block')
+    p.add_argument('--macs-reduction', type=float, default=None, help=(
+        'instead of --gate/--rate: percent of the full MACs to save on these images, by one logit offset added to '
+        'every gate threshold (bisection)'))
     p.add_argument('--output', required=True, help='.safetensors file: the weights with the new threshold')
     p.set_defaults(func=main)
