@@ -8,7 +8,8 @@
 #           train those shared runs into the same folders; R38_ALPHAS="0.7 0.68" there)
 #   r110    SkipNet-110 sized to what is left of the budget: a gates-open trunk of E1 epochs, then side by side its
 #           same-budget ResNet-110 (gates open, E2 more epochs) and rl for each alpha in R110_ALPHAS (E2 epochs).
-#           E1 and E2 come from a 40-update probe of the trunk's throughput under the load of the r38 runs
+#           E1 and E2 come from a 40-update probe of the trunk's throughput under the load of the r38 runs, and
+#           are kept in $RUNS/c10_r110_plan: a later call with the same $RUNS resumes that schedule
 # Every run checkpoints each epoch and resumes where it stopped; a run the deadline cuts short stays unfinished.
 #   CIFAR10_DIR=... RUNS=runs BUDGET_S=450 bash examples/cifar10_gpu.sh [bench] [r38] [r110]
 set -euo pipefail
@@ -58,27 +59,37 @@ r110() {
   local common=(--model skipnet_resnet110_cifar --batch-size 256 --checkpoint-every 196 --log-every 20 --amp bf16
                 --workers "${R110_WORKERS:-6}" ${R110_EXTRA:-})
   local alphas=(${R110_ALPHAS:-0.5 0.7})
-  rm -rf "$RUNS/c10_r110_probe"
-  run c10_r110_probe "${common[@]}" --stage base --steps "${PROBE_STEPS:-40}" --lr 0.1 --eval-num-samples 256 --no-export
-  local epoch_s
-  # the probe's images/s plus EPOCH_OVERHEAD_S per epoch (loader workers restarted, shuffle buffer refilled): on an
-  # H200 the probe said 10.9 s per epoch and the 20-epoch trunk took 17.9
-  epoch_s=$("$PY" -c "import json, sys; print(float(sys.argv[2]) / json.loads(open(sys.argv[1]).readlines()[-1])[
-            'img_per_s'] + float(sys.argv[3]))" "$RUNS/c10_r110_probe/log.jsonl" "${EPOCH_IMAGES:-50000}" \
-            "${EPOCH_OVERHEAD_S:-7}")
-  # trunk E1 epochs, then 1 + len(alphas) runs side by side for E2 = E1 / 4 epochs (each about 1 + 0.6 per extra
-  # run slower: three such runs on an H200 did 7.8 updates/s each against 17 alone); 90 s for start-ups,
-  # evaluations and exports
-  local e1 e2
-  e1=$("$PY" -c "import sys; t, s, n = map(float, sys.argv[1:]); print(int((t - 90) / (s * (1 + (1 + .6 * n) / 4))))" \
-       "$(left)" "$epoch_s" "${#alphas[@]}")
-  e2=$(( e1 / 4 > 3 ? e1 / 4 : 3 ))
-  log "r110: probe $epoch_s s/epoch -> trunk $e1 epochs, then $e2 epochs for the baseline and rl ${alphas[*]}"
-  if (( e1 < 8 )); then log "r110: too little time left for a meaningful trunk; skipped"; return; fi
+  local e1 e2 plan="$RUNS/c10_r110_plan"
+  if [ -f "$plan" ]; then
+    # a later call resumes the planned schedule: a cosine run refuses to resume under another --epochs
+    read -r e1 e2 < "$plan"
+    log "r110: resuming the plan of an earlier call: trunk $e1 epochs, then $e2"
+  else
+    rm -rf "$RUNS/c10_r110_probe"
+    run c10_r110_probe "${common[@]}" --stage base --steps "${PROBE_STEPS:-40}" --lr 0.1 --eval-num-samples 256 \
+        --no-export
+    local epoch_s
+    # the probe's images/s plus EPOCH_OVERHEAD_S per epoch (loader workers restarted, shuffle buffer refilled): on
+    # an H200 the probe said 10.9 s per epoch and the 20-epoch trunk took 17.9
+    epoch_s=$("$PY" -c "import json, sys; print(float(sys.argv[2]) / json.loads(open(sys.argv[1]).readlines()[-1])[
+              'img_per_s'] + float(sys.argv[3]))" "$RUNS/c10_r110_probe/log.jsonl" "${EPOCH_IMAGES:-50000}" \
+              "${EPOCH_OVERHEAD_S:-7}")
+    # trunk E1 epochs, then 1 + len(alphas) runs side by side for E2 = E1 / 4 epochs (each about 1 + 0.6 per extra
+    # run slower: three such runs on an H200 did 7.8 updates/s each against 17 alone); 90 s for start-ups,
+    # evaluations and exports
+    e1=$("$PY" -c "import sys; t, s, n = map(float, sys.argv[1:]); print(int((t - 90) / (s * (1 + (1 + .6 * n) / 4))))" \
+         "$(left)" "$epoch_s" "${#alphas[@]}")
+    e2=$(( e1 / 4 ))
+    log "r110: probe $epoch_s s/epoch -> trunk $e1 epochs, then $e2 epochs for the baseline and rl ${alphas[*]}"
+    if (( e1 < 12 )); then
+      log "r110: too little time left for a meaningful trunk (and 3 epochs after it); skipped"; return
+    fi
+    echo "$e1 $e2" > "$plan"
+  fi
   run c10_r110_base "${common[@]}" --stage base --epochs "$e1" --lr 0.2 --weight-decay 5e-4 --sched cosine \
       --warmup-epochs 1
   if [ ! -f "$RUNS/c10_r110_base/model/model.safetensors" ]; then
-    log "r110: the trunk did not finish before the deadline; it resumes on the next call"; return
+    log "r110: the trunk did not finish before the deadline; the next call resumes it ($plan)"; return
   fi
   local pids=()
   run c10_r110_base_ft "${common[@]}" --stage base --initial-checkpoint "$RUNS/c10_r110_base/model" --epochs "$e2" \

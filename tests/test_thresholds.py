@@ -76,7 +76,6 @@ def test_the_uniform_sample_draws_every_row_of_a_class_sorted_stream_equally_oft
 
 def test_one_offset_on_every_threshold_saves_the_asked_share_of_macs_and_keeps_forced_gates(cifar10_dir, tmp_path):
     from timm_skipnet.accounting import measure_mac_table
-    from timm_skipnet.thresholds import mean_macs_reduction
     model = timm.create_model('skipnet_resnet38_cifar', num_classes=10)
     randomize_gates(model, scale=0.5)
     model.set_gate_thresholds([0.0] + [0.5] * (model.num_gated_blocks - 1))  # gate 0 forced open
@@ -97,11 +96,40 @@ def test_one_offset_on_every_threshold_saves_the_asked_share_of_macs_and_keeps_f
     loader = torch.utils.data.DataLoader(ImageStream(rows, build_transforms(model, is_training=False),
                                                      spec.image_column, spec.label_column),
                                          batch_size=32, collate_fn=collate_skipping_bad)
-    batches = [x for x, _, _ in loader]
-    saved = mean_macs_reduction(model, batches, measure_mac_table(model))
-    assert 30.0 <= saved <= 32.0  # the smallest shift reaching 30 %: one image's block more or less is ~0.1 %
+    table = measure_mac_table(model)
+    with torch.no_grad():
+        actions = torch.cat([model(x, return_trace=True).actions for x, _, _ in loader])
+    blocks = torch.tensor(table.blocks[1:], dtype=torch.float64)
+    shortcuts = torch.tensor(table.shortcuts[1:], dtype=torch.float64)
+    per_image = table.stem + table.blocks[0] + sum(table.gates) + table.head + actions.double() @ blocks + \
+        (1 - actions.double()) @ shortcuts
+    saved = 100 * (1 - per_image.mean().item() / table.full_macs)
+    assert 30.0 <= saved <= 32.0  # the first saving past 30 %: one image's block more or less is ~0.1 %
     printed = float(run.stdout.split('saves ')[1].split(' %')[0])
     assert abs(printed - saved) < 0.01
+
+
+def test_the_budget_offset_sits_inside_its_plateau_and_a_failed_search_restores_the_thresholds(cifar10_dir):
+    from timm_skipnet.accounting import measure_mac_table
+    from timm_skipnet.thresholds import mean_macs_reduction, set_thresholds_for_macs_reduction
+    model = timm.create_model('skipnet_resnet38_cifar', num_classes=10)
+    randomize_gates(model, scale=0.5)
+    model.train()  # the search must measure the greedy policy, not straight-through, and leave the mode alone
+    loader = make_loader(DataSpec(cifar10_dir), 'train', build_transforms(model, is_training=False), 32, limit=64)
+    offset, saved, n = set_thresholds_for_macs_reduction(model, loader, 30.0)
+    assert model.training and n == 64 and saved >= 30.0
+    model.eval()
+    batches = [x for x, _, _ in loader]
+    table = measure_mac_table(model)
+    base = model.gate_threshold_logits - offset
+    for nudge in (-1e-5, 1e-5):  # not at the edge of a jump (found to 6e-5): a small shift either way saves the same
+        model.set_gate_thresholds((base + offset + nudge).tolist(), logits=True)
+        assert mean_macs_reduction(model, batches, table) == pytest.approx(saved)
+    model.set_gate_thresholds(torch.zeros(model.num_gated_blocks).tolist(), logits=True)
+    before = model.gate_threshold_logits.clone()
+    with pytest.raises(ValueError, match='out of reach'):
+        set_thresholds_for_macs_reduction(model, loader, 99.0)
+    assert torch.equal(model.gate_threshold_logits, before)
 
 
 def test_a_macs_reduction_out_of_reach_or_mixed_with_gate_and_rate_is_refused(cifar10_dir, tmp_path):

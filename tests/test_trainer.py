@@ -515,3 +515,15 @@ def test_every_loader_worker_reads_data_when_a_split_has_fewer_files_than_worker
     assert len(rows) == 64
     expected = sorted(zlib.crc32(decode_image(r).tobytes()) for r in table['img'].to_pylist())
     assert sorted(rows[:, 1].tolist()) == expected
+
+
+def test_a_sample_cap_holds_for_the_process_however_many_workers_read(tmp_path, cifar10_dir):
+    import pyarrow.parquet as pq
+    from torchvision import transforms as T
+
+    from timm_skipnet.data import DataSpec, make_loader
+    table = pq.read_table(os.path.join(cifar10_dir, 'test-00000-of-00001.parquet')).slice(0, 64)
+    pq.write_table(table, tmp_path / 'test-00000-of-00001.parquet', row_group_size=16)
+    for workers in (0, 1, 3, 4):
+        loader = make_loader(DataSpec(str(tmp_path)), 'test', T.ToTensor(), 4, limit=10, workers=workers)
+        assert sum(len(labels) for _, labels, _ in loader) == 10, workers

@@ -133,8 +133,11 @@ class ImageStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[Optional[Tuple[torch.Tensor, int]]]:
         good = bad = 0
+        limit, worker = self.limit, torch.utils.data.get_worker_info()
+        if limit is not None and worker is not None:  # each worker reads its own shards: share the cap
+            limit = limit // worker.num_workers + (worker.id < limit % worker.num_workers)
         for i, row in enumerate(self.ds):
-            if self.limit is not None and i >= self.limit:
+            if limit is not None and i >= limit:
                 return
             if i < self.skip:
                 continue
@@ -192,18 +195,31 @@ def build_transforms(model, is_training: bool, small_image_threshold: int = 64):
     return create_transform(**cfg, is_training=is_training)
 
 
+def reshard_for_workers(ds, workers: int, world_size: int = 1):
+    """Each DataLoader worker reads whole shards, so two CIFAR files keep all but two workers idle: split by Parquet
+    row group (``IterableDataset.reshard``, recent ``datasets``) when the workers outnumber the shards. Must precede
+    the shuffle. A shard count that divided evenly between processes is kept divisible (else every process would
+    read every shard and keep a row in ``world_size``)."""
+    if workers * world_size <= ds.n_shards or not hasattr(ds, 'reshard'):
+        return ds
+    finer = ds.reshard()
+    if world_size > 1 and ds.n_shards % world_size == 0 and finer.n_shards % world_size != 0:
+        return ds
+    return finer
+
+
 def make_loader(spec: DataSpec, split: str, transform: Callable, batch_size: int, *, rank: int = 0,
                 world_size: int = 1, shuffle: bool = False, seed: int = 0, epoch: int = 0, skip: int = 0,
-                limit: Optional[int] = None, shuffle_buffer: int = 10_000, workers: int = 0):
+                limit: Optional[int] = None, shuffle_buffer: int = 10_000, workers: int = 0,
+                shard_for_workers: Optional[int] = None):
     """A DataLoader over this process's share of ``split``. ``skip`` drops already-seen samples of the epoch
-    (resume) without decoding them; ``limit`` caps the samples per process."""
+    (resume) without decoding them; ``limit`` caps the samples per process (split between its workers).
+    ``shard_for_workers`` (default: ``workers``) decides the sharding, hence the order of a shuffled stream: a
+    resume that reads in one process passes the run's worker count to see the epoch in the same order."""
     from datasets.distributed import split_dataset_by_node
     spec = spec.resolved()
-    ds = load_stream(spec, split)
-    if workers * world_size > ds.n_shards and hasattr(ds, 'reshard'):
-        # each worker reads whole shards: two CIFAR files would keep all but two workers idle; Parquet row groups
-        # give more (datasets >= 4.1; must precede the shuffle)
-        ds = ds.reshard()
+    ds = reshard_for_workers(load_stream(spec, split), workers if shard_for_workers is None else shard_for_workers,
+                             world_size)
     if shuffle:
         ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer)
         ds.set_epoch(epoch)

@@ -46,25 +46,48 @@ def set_threshold_for_rate(model, loader, gate: int, rate: float) -> tuple:
     return t, (logits > model.gate_threshold_logits[gate].cpu()).float().mean().item(), len(logits)
 
 
+CACHE_LIMIT_BYTES = 4 * 2 ** 30
+
+
 @torch.no_grad()
 def mean_macs_reduction(model, batches, table) -> float:
     """Percent of the full model's MACs that the greedy policy saves on ``batches``, counted exactly per image."""
     device = next(model.parameters()).device
-    macs = torch.cat([table.per_image_macs(model(x.to(device), return_trace=True).actions.cpu()) for x in batches])
+    macs = torch.cat([table.per_image_macs(model(x.to(device), gate_policy='greedy', return_trace=True).actions.cpu())
+                      for x in batches])
     return 100.0 * (1.0 - macs.mean().item() / table.full_macs)
 
 
+def _decoded_batches(loader) -> list:
+    """The loader's images, decoded once and reused by every bisection step; refused past CACHE_LIMIT_BYTES."""
+    batches, size = [], 0
+    for x, _, _ in loader:
+        if x is None:
+            continue
+        size += x.numel() * x.element_size()
+        if size > CACHE_LIMIT_BYTES:
+            raise ValueError(f'--macs-reduction keeps the calibration images in memory and they pass '
+                             f'{CACHE_LIMIT_BYTES / 2 ** 30:.0f} GiB: lower --max-images (10,000 CIFAR images take '
+                             f'0.1 GiB, 10,000 at 224 px 6 GiB).')
+        batches.append(x)
+    return batches
+
+
 def set_thresholds_for_macs_reduction(model, loader, reduction: float, iterations: int = 20,
-                                      offset_range: float = 30.0) -> tuple:
+                                      max_offset: float = 1e4) -> tuple:
     """Add one logit offset to every gate's threshold (forced gates, at +-THRESHOLD_LOGIT_LIMIT, stay forced) so
     that the model saves ``reduction`` percent of its MACs on ``loader``'s images: one knob along the trained
     ranking of every gate, the accuracy / compute trade-off of a single trained model. The saving grows with the
     offset (a higher threshold runs fewer blocks; with the RNN gate, decisions also feed later gates, so bisection
-    on the measured saving, not on each gate alone). Returns ``(offset, measured reduction %, images)``."""
+    on the measured saving, not on each gate alone). The offset returned is the middle of the interval of offsets
+    that give the first saving >= ``reduction``, not its edge, so float noise elsewhere (another device, bf16)
+    moves few decisions. Returns ``(offset, measured reduction %, images)``."""
     from .accounting import measure_mac_table
     from .skipnet import THRESHOLD_LOGIT_LIMIT
+    was_training = model.training
+    model.eval()
     table = measure_mac_table(model)
-    batches = [x for x, _, _ in loader if x is not None]  # decoded once, reused by every bisection step
+    batches = _decoded_batches(loader)
     base = model.gate_threshold_logits.clone()
     forced = base.abs() >= THRESHOLD_LOGIT_LIMIT
 
@@ -72,20 +95,34 @@ def set_thresholds_for_macs_reduction(model, loader, reduction: float, iteration
         model.set_gate_thresholds(torch.where(forced, base, base + offset).tolist(), logits=True)
         return mean_macs_reduction(model, batches, table)
 
-    lo, hi = -offset_range, offset_range
-    r_lo, r_hi = saving_at(lo), saving_at(hi)
-    if not r_lo <= reduction <= r_hi:
+    def bisect(lo: float, hi: float, go_up) -> tuple:
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if go_up(saving_at(mid)) else (lo, mid)
+        return lo, hi
+
+    try:
+        span = 8.0  # logits: widened until the target is bracketed (a gate trained far past its threshold)
+        while True:
+            r_lo, r_hi = saving_at(-span), saving_at(span)
+            if r_lo <= reduction <= r_hi or span >= max_offset:
+                break
+            span *= 4
+        if not r_lo <= reduction <= r_hi:
+            raise ValueError(f'--macs-reduction {reduction} is out of reach for this model: shifting every '
+                             f'threshold by -/+{span:g} logits saves {r_lo:.1f} .. {r_hi:.1f} % of the MACs on these '
+                             f'images.')
+        _, first = bisect(-span, span, lambda r: r < reduction)  # the smallest offset that saves >= reduction
+        reached = saving_at(first)
+        last, _ = bisect(first, span, lambda r: r <= reached)  # the largest offset that saves exactly as much
+        offset = (first + last) / 2
+        saved = saving_at(offset)
+    except BaseException:
         model.set_gate_thresholds(base.tolist(), logits=True)
-        raise ValueError(f'--macs-reduction {reduction} is out of reach for this model: shifting every threshold by '
-                         f'-/+{offset_range} logits saves {r_lo:.1f} .. {r_hi:.1f} % of the MACs on these images.')
-    for _ in range(iterations):
-        mid = (lo + hi) / 2
-        if saving_at(mid) < reduction:
-            lo = mid
-        else:
-            hi = mid
-    offset = hi  # the smallest offset found that saves at least ``reduction``
-    return offset, saving_at(offset), sum(len(x) for x in batches)
+        raise
+    finally:
+        model.train(was_training)
+    return offset, saved, sum(len(x) for x in batches)
 
 
 def main(args) -> None:

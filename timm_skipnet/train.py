@@ -437,7 +437,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         # DataLoader workers each read their own shards: resuming mid-epoch reads in one process to keep the order
         loader = make_loader(spec, spec.train_split, train_tf, cfg.batch_size, rank=accelerator.process_index,
                              world_size=world, shuffle=True, seed=cfg.seed, epoch=epoch, skip=start * per_batch,
-                             shuffle_buffer=cfg.shuffle_buffer, workers=0 if start else cfg.workers)
+                             shuffle_buffer=cfg.shuffle_buffer, workers=0 if start else cfg.workers,
+                             shard_for_workers=cfg.workers)
         batches = iter(loader)
         for _ in range(start, steps_per_epoch):
             if global_step >= total_steps:
