@@ -24,6 +24,7 @@
 #                     (drop path): a backbone that has learnt to lose blocks
 #   dp_swa(25)        SWA gates open for 15 / 25 epochs: the teacher / the same-budget ResNet-38 baseline (125)
 #   dp_rl_a* / dp_kdswa_a*  rl 10 epochs, then the SWA ft distilled from dp_swa, 15 epochs (125)
+#   dp_kdrl (stage)   dp_kdrl_a* / dp_kdrlswa_a*: the same with the rl stage distilled from dp_swa too
 # The long3 family (stages long3, then long3_all = long3_base_ft + long3_rl):
 #   long3             +50 epochs third warm restart of long2, label smoothing 0.1  -> the 190-epoch backbone
 #   long3_base_ft     +15 epochs, gates open, label smoothing 0.1  -> its same-budget ResNet-38 baseline
@@ -237,10 +238,10 @@ if [[ $stage == long2_ft ]]; then  # the ablation of the distillation: plain ft 
         --epochs 5 --lr 0.01 --weight-decay 1e-4 --sched cosine --amp bf16
   done
 fi
+DP=(--drop-path 0.1 --amp bf16)
 if [[ $stage == dp || $stage == dp_all ]]; then
   # lessons of the long chain: one cosine schedule instead of warm restarts, label smoothing from the start, and
   # stochastic depth so that skipping a block later is a perturbation the backbone was trained under
-  DP=(--drop-path 0.1 --amp bf16)
   run c10_r38_dp --stage base --epochs 100 --lr 0.1 --weight-decay 5e-4 --sched cosine --warmup-epochs 1 \
       --smoothing 0.1 --eval-every-epochs 10 "${DP[@]}"
 fi
@@ -256,6 +257,19 @@ if [[ $stage == dp_all ]]; then
         --lr 0.01 --weight-decay 1e-4 --sched cosine --reset-gates --gate-init-bias 0 --rl-baseline batch_mean \
         --alpha "$alpha" --rl-warmup-epochs 3 --eval-every-epochs 5 "${DP[@]}"
     run "c10_r38_dp_kdswa_a$alpha" --stage ft --initial-checkpoint "$RUNS/c10_r38_dp_rl_a$alpha/model" \
+        --distill-from "$RUNS/c10_r38_dp_swa/model" --distill-weight 0.7 --distill-temperature 1 \
+        --weight-decay 1e-4 "${SWA[@]}" "${DP[@]}"
+  done
+fi
+if [[ $stage == dp_kdrl ]]; then
+  # the rl stage itself distilled from the teacher of the ft (dp_swa): the backbone keeps the teacher's function
+  # while the gates learn to drop blocks, instead of recovering it only in the ft; then the same distilled SWA ft
+  for alpha in ${DP_ALPHAS:-0.7}; do
+    run "c10_r38_dp_kdrl_a$alpha" --stage rl --initial-checkpoint "$RUNS/c10_r38_dp/model" --epochs 10 \
+        --lr 0.01 --weight-decay 1e-4 --sched cosine --reset-gates --gate-init-bias 0 --rl-baseline batch_mean \
+        --alpha "$alpha" --rl-warmup-epochs 3 --eval-every-epochs 5 "${DP[@]}" \
+        --distill-from "$RUNS/c10_r38_dp_swa/model" --distill-weight 0.7 --distill-temperature 1
+    run "c10_r38_dp_kdrlswa_a$alpha" --stage ft --initial-checkpoint "$RUNS/c10_r38_dp_kdrl_a$alpha/model" \
         --distill-from "$RUNS/c10_r38_dp_swa/model" --distill-weight 0.7 --distill-temperature 1 \
         --weight-decay 1e-4 "${SWA[@]}" "${DP[@]}"
   done

@@ -114,3 +114,24 @@ def test_an_origin_chain_that_loops_is_refused_with_the_loop(tmp_path):
     out = subprocess.run([sys.executable, str(REPORT), '--dry-run', '--runs', str(runs)], capture_output=True,
                          text=True, timeout=300, cwd=ROOT)
     assert out.returncode != 0 and 'loops back' in out.stderr
+
+
+def test_a_skipnet_is_held_to_the_resnet38_of_its_own_lineage_and_budget_which_must_reach_90(tmp_path):
+    runs = tmp_path / 'runs'
+    # dp family, 100 + 25 = 125 epochs: baseline dp_swa25 (90.22 %); 0.42 below it (0.94 below the 175-epoch best)
+    _fake_run(runs, 'c10_r38_dp_kdrlswa_a0.9', f'{runs}/c10_r38_dp/model', 25, top1=89.80)
+    out = _dry_run(runs)
+    assert ('would publish c10_r38_dp_kdrlswa_a0.9 (meets the target; same-budget baseline c10_r38_dp_swa25, '
+            'best ResNet-38 of any budget c10_r38_long2_swa35)') in out
+    assert '| c10_r38_dp_kdrlswa_a0.9 | 125 | 89.80 |' in out and '| 0.42 (c10_r38_dp_swa25) | 0.94 |' in out
+    # of the two 155-epoch baselines of long2 (base_ft 89.39 %, swa 90.49 %) the more accurate one is the bar
+    assert '| c10_r38_long2_kd_a0.7 | 155 | 89.00 |' in out and '| 1.49 (c10_r38_long2_swa) |' in out
+
+
+def test_a_skipnet_close_to_a_baseline_below_90_does_not_meet_the_target(tmp_path):
+    runs = tmp_path / 'runs'
+    # long family, 90 + 15 = 105 epochs: its baseline long_base_ft has 89.50 %, under the 90 %
+    _fake_run(runs, 'c10_r38_long_ft_a0.9', f'{runs}/c10_r38_long/model', 15, top1=89.45)
+    out = _dry_run(runs)
+    assert '| c10_r38_long_ft_a0.9 | 105 | 89.45 |' in out and '| 0.05 (c10_r38_long_base_ft) |' in out
+    assert 'would publish c10_r38_long2_kdswa_a0.7 (misses the target' in out
