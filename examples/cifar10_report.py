@@ -53,7 +53,8 @@ FAMILIES = [
     dict(backbone='c10_r38_long3', baselines=['c10_r38_long3_base_ft'],
          skipnets=['c10_r38_long3_rl_a*', 'c10_r38_long3_kd_a*']),
     dict(backbone='c10_r38_dp', baselines=['c10_r38_dp_swa', 'c10_r38_dp_swa25'],
-         skipnets=['c10_r38_dp_rl_a*', 'c10_r38_dp_kdswa_a*', 'c10_r38_dp_kdrl_a*', 'c10_r38_dp_kdrlswa_a*']),
+         skipnets=['c10_r38_dp_rl_a*', 'c10_r38_dp_kdswa_a*', 'c10_r38_dp_kdrl_a*', 'c10_r38_dp_kdrlswa_a*',
+                   'c10_r38_dp_kdswaseed*_a*']),
 ]
 # the recipe stages (examples/cifar10_skipnet38.sh) that train each backbone's family
 RECIPE_STAGES = {'c10_r38_base': ['all'], 'c10_r38_long': ['base', 'long_all'],
@@ -61,7 +62,7 @@ RECIPE_STAGES = {'c10_r38_base': ['all'], 'c10_r38_long': ['base', 'long_all'],
                                    'long2_kdswawd', 'long2_kdswat25', 'long2_rlswa', 'long2_ent', 'thr', 'thr_cos',
                                    'long3'],
                  'c10_r38_long3': ['base', 'long', 'long2', 'long3', 'long3_all'],
-                 'c10_r38_dp': ['dp_all', 'dp_kdrl']}
+                 'c10_r38_dp': ['dp_all', 'dp_kdrl', 'dp_seed']}
 
 
 LEDGER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cifar10_runs.json')
@@ -135,7 +136,7 @@ def _kind(name: str, family: dict) -> str:
         return 'baseline'
     if name.startswith('c10_r38_thr_'):  # distilled ft from the published model (stage thr)
         return 'kd'
-    return next((k for k in ('kd', 'ft', 'rl') if re.search(rf'_{k}(\d+|ls|swa|wd|t|ent)*_a', name)), 'rl')
+    return next((k for k in ('kd', 'ft', 'rl') if re.search(rf'_{k}(\d+|ls|swa|wd|t|ent|seed\d+)*_a', name)), 'rl')
 
 
 # marker and legend text per kind of run; each family gets one colour

@@ -25,6 +25,7 @@
 #   dp_swa(25)        SWA gates open for 15 / 25 epochs: the teacher / the same-budget ResNet-38 baseline (125)
 #   dp_rl_a* / dp_kdswa_a*  rl 10 epochs, then the SWA ft distilled from dp_swa, 15 epochs (125)
 #   dp_kdrl (stage)   dp_kdrl_a* / dp_kdrlswa_a*: the same with the rl stage distilled from dp_swa too
+#   dp_seed (stage)   dp_kdswaseed<SEED>_a*: dp_kdswa again with another seed (SEED, default 1), its noise
 # The long3 family (stages long3, then long3_all = long3_base_ft + long3_rl):
 #   long3             +50 epochs third warm restart of long2, label smoothing 0.1  -> the 190-epoch backbone
 #   long3_base_ft     +15 epochs, gates open, label smoothing 0.1  -> its same-budget ResNet-38 baseline
@@ -272,6 +273,14 @@ if [[ $stage == dp_kdrl ]]; then
     run "c10_r38_dp_kdrlswa_a$alpha" --stage ft --initial-checkpoint "$RUNS/c10_r38_dp_kdrl_a$alpha/model" \
         --distill-from "$RUNS/c10_r38_dp_swa/model" --distill-weight 0.7 --distill-temperature 1 \
         --weight-decay 1e-4 "${SWA[@]}" "${DP[@]}"
+  done
+fi
+if [[ $stage == dp_seed ]]; then
+  # the noise of the last stage: dp_kdswa repeated from the same rl model with another seed (data order, drop path)
+  for alpha in ${DP_ALPHAS:-0.7}; do
+    run "c10_r38_dp_kdswaseed${SEED:-1}_a$alpha" --stage ft --initial-checkpoint "$RUNS/c10_r38_dp_rl_a$alpha/model" \
+        --distill-from "$RUNS/c10_r38_dp_swa/model" --distill-weight 0.7 --distill-temperature 1 \
+        --weight-decay 1e-4 "${SWA[@]}" "${DP[@]}" --seed "${SEED:-1}"
   done
 fi
 if [[ $stage == long3 || $stage == long3_all ]]; then
