@@ -62,7 +62,9 @@ RECIPE_STAGES = {'c10_r38_base': ['all'], 'c10_r38_long': ['base', 'long_all'],
                                    'long2_kdswawd', 'long2_kdswat25', 'long2_rlswa', 'long2_ent', 'thr', 'thr_cos',
                                    'long3'],
                  'c10_r38_long3': ['base', 'long', 'long2', 'long3', 'long3_all'],
-                 'c10_r38_dp': ['dp_all', 'dp_kdrl', 'dp_seed']}
+                 'c10_r38_dp': ['dp_all']}
+# runs trained by a stage of their own after the family's stages
+RUN_STAGES = {'c10_r38_dp_kdrl*': 'dp_kdrl', 'c10_r38_dp_kdswaseed*': 'dp_seed'}
 
 
 LEDGER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cifar10_runs.json')
@@ -124,9 +126,14 @@ def _images(data: str, n: int, model):
 
 
 def _alpha_env(run: str) -> str:
-    """The recipe's alpha list variable set to ``run``'s alpha, so that the commands train that run."""
+    """The recipe's alpha list variable (and seed) set to ``run``'s, so that the commands train that run."""
     m = re.match(r'c10_r38_(long\d?|dp)_.*_a([\d.]+)$', run)
-    return f'{m.group(1).upper()}_ALPHAS={m.group(2)} ' if m else ''
+    seed = re.search(r'seed(\d+)_a', run)
+    return (f'{m.group(1).upper()}_ALPHAS={m.group(2)} ' if m else '') + (f'SEED={seed.group(1)} ' if seed else '')
+
+
+def _recipe_stages(run: str, backbone: str) -> list:
+    return RECIPE_STAGES[backbone] + [st for pattern, st in RUN_STAGES.items() if fnmatch.fnmatchcase(run, pattern)]
 
 
 def _kind(name: str, family: dict) -> str:
@@ -380,7 +387,7 @@ def main():
         f'1,000 test images: {first_1000:.2f} %.', '',
         '## Reproduce', '', '```bash',
         *[f'{_alpha_env(chosen)}CIFAR10_DIR=../shared/data/cifar10/plain bash examples/cifar10_skipnet38.sh {stage}'
-          for stage in RECIPE_STAGES[candidates[chosen]['family']['backbone']]],
+          for stage in _recipe_stages(chosen, candidates[chosen]['family']['backbone'])],
         '.venv/bin/python examples/cifar10_report.py', '```', '',
         f"Training chain: {' <- '.join(chain)}"
         + (f" (the last stage distilled from {_run_name(cfg['distill_from'])}"

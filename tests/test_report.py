@@ -135,3 +135,12 @@ def test_a_skipnet_close_to_a_baseline_below_90_does_not_meet_the_target(tmp_pat
     out = _dry_run(runs)
     assert '| c10_r38_long_ft_a0.9 | 105 | 89.45 |' in out and '| 0.05 (c10_r38_long_base_ft) |' in out
     assert 'would publish c10_r38_long2_kdswa_a0.7 (misses the target' in out
+
+
+def test_the_card_commands_train_exactly_the_chosen_runs_stage_alpha_and_seed():
+    report = _report()
+    assert report._alpha_env('c10_r38_dp_kdswaseed2_a0.7') == 'DP_ALPHAS=0.7 SEED=2 '
+    assert report._recipe_stages('c10_r38_dp_kdswaseed2_a0.7', 'c10_r38_dp') == ['dp_all', 'dp_seed']
+    assert report._recipe_stages('c10_r38_dp_kdrlswa_a0.6', 'c10_r38_dp') == ['dp_all', 'dp_kdrl']
+    assert report._recipe_stages('c10_r38_dp_kdswa_a0.7', 'c10_r38_dp') == ['dp_all']
+    assert report._alpha_env('c10_r38_long2_kdswa_a0.7') == 'LONG2_ALPHAS=0.7 '
