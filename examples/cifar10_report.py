@@ -143,7 +143,8 @@ def _kind(name: str, family: dict) -> str:
         return 'baseline'
     if name.startswith('c10_r38_thr_'):  # distilled ft from the published model (stage thr)
         return 'kd'
-    return next((k for k in ('kd', 'ft', 'rl') if re.search(rf'_{k}(\d+|ls|swa|wd|t|ent|seed\d+)*_a', name)), 'rl')
+    suffixes = r'(\d+|ls|swa|wd|t|ent|seed\d+|rlswa)*'  # variants of a stage: kdswa, kdswaseed1, kdrlswa, ...
+    return next((k for k in ('kd', 'ft', 'rl') if re.search(rf'_{k}{suffixes}_a', name)), 'rl')
 
 
 # marker and legend text per kind of run; each family gets one colour
