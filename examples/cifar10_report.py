@@ -54,7 +54,7 @@ FAMILIES = [
          skipnets=['c10_r38_long3_rl_a*', 'c10_r38_long3_kd_a*']),
     dict(backbone='c10_r38_dp', baselines=['c10_r38_dp_swa', 'c10_r38_dp_swa25'],
          skipnets=['c10_r38_dp_rl_a*', 'c10_r38_dp_kdswa_a*', 'c10_r38_dp_kdrl_a*', 'c10_r38_dp_kdrlswa_a*',
-                   'c10_r38_dp_kdswaseed*_a*']),
+                   'c10_r38_dp_kdswaseed*_a*', 'c10_r38_dp_kdswanodp_a*']),
 ]
 # the recipe stages (examples/cifar10_skipnet38.sh) that train each backbone's family
 RECIPE_STAGES = {'c10_r38_base': ['all'], 'c10_r38_long': ['base', 'long_all'],
@@ -64,7 +64,7 @@ RECIPE_STAGES = {'c10_r38_base': ['all'], 'c10_r38_long': ['base', 'long_all'],
                  'c10_r38_long3': ['base', 'long', 'long2', 'long3', 'long3_all'],
                  'c10_r38_dp': ['dp_all']}
 # runs trained by a stage of their own after the family's stages
-RUN_STAGES = {'c10_r38_dp_kdrl*': 'dp_kdrl', 'c10_r38_dp_kdswaseed*': 'dp_seed'}
+RUN_STAGES = {'c10_r38_dp_kdrl*': 'dp_kdrl', 'c10_r38_dp_kdswaseed*': 'dp_seed', 'c10_r38_dp_kdswanodp*': 'dp_nodp'}
 
 
 LEDGER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cifar10_runs.json')
@@ -143,7 +143,7 @@ def _kind(name: str, family: dict) -> str:
         return 'baseline'
     if name.startswith('c10_r38_thr_'):  # distilled ft from the published model (stage thr)
         return 'kd'
-    suffixes = r'(\d+|ls|swa|wd|t|ent|seed\d+|rlswa)*'  # variants of a stage: kdswa, kdswaseed1, kdrlswa, ...
+    suffixes = r'(\d+|ls|swa|wd|t|ent|seed\d+|rlswa|nodp)*'  # variants of a stage: kdswa, kdswaseed1, kdrlswa, ...
     return next((k for k in ('kd', 'ft', 'rl') if re.search(rf'_{k}{suffixes}_a', name)), 'rl')
 
 

@@ -143,6 +143,7 @@ def test_the_card_commands_train_exactly_the_chosen_runs_stage_alpha_and_seed():
     assert report._recipe_stages('c10_r38_dp_kdswaseed2_a0.7', 'c10_r38_dp') == ['dp_all', 'dp_seed']
     assert report._recipe_stages('c10_r38_dp_kdrlswa_a0.6', 'c10_r38_dp') == ['dp_all', 'dp_kdrl']
     assert report._recipe_stages('c10_r38_dp_kdswa_a0.7', 'c10_r38_dp') == ['dp_all']
+    assert report._recipe_stages('c10_r38_dp_kdswanodp_a0.7', 'c10_r38_dp') == ['dp_all', 'dp_nodp']
     assert report._alpha_env('c10_r38_long2_kdswa_a0.7') == 'LONG2_ALPHAS=0.7 '
 
 
@@ -151,6 +152,7 @@ def test_runs_are_plotted_as_the_stage_that_made_them():
     family = report._family_of('c10_r38_dp_kdrl_a0.7')
     kinds = {n: report._kind(n, family) for n in ('c10_r38_dp_rl_a0.7', 'c10_r38_dp_kdrl_a0.7',
                                                   'c10_r38_dp_kdswa_a0.7', 'c10_r38_dp_kdrlswa_a0.7',
-                                                  'c10_r38_dp_kdswaseed1_a0.7')}
+                                                  'c10_r38_dp_kdswaseed1_a0.7', 'c10_r38_dp_kdswanodp_a0.7')}
     assert kinds == {'c10_r38_dp_rl_a0.7': 'rl', 'c10_r38_dp_kdrl_a0.7': 'rl',  # an rl stage, distilled or not
-                     'c10_r38_dp_kdswa_a0.7': 'kd', 'c10_r38_dp_kdrlswa_a0.7': 'kd', 'c10_r38_dp_kdswaseed1_a0.7': 'kd'}
+                     'c10_r38_dp_kdswa_a0.7': 'kd', 'c10_r38_dp_kdrlswa_a0.7': 'kd', 'c10_r38_dp_kdswaseed1_a0.7': 'kd',
+                     'c10_r38_dp_kdswanodp_a0.7': 'kd'}
