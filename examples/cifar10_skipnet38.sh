@@ -27,6 +27,7 @@
 #   dp_kdrl (stage)   dp_kdrl_a* / dp_kdrlswa_a*: the same with the rl stage distilled from dp_swa too
 #   dp_seed (stage)   dp_kdswaseed<SEED>_a*: dp_kdswa again with another seed (SEED, default 1), its noise
 #   dp_nodp (stage)   dp_kdswanodp_a*: dp_kdswa with the ft's stochastic depth off
+#   dp_swa_ext        both sides averaged 10 epochs longer (135): dp_kdswa25_a* and dp_swa35
 # The long3 family (stages long3, then long3_all = long3_base_ft + long3_rl):
 #   long3             +50 epochs third warm restart of long2, label smoothing 0.1  -> the 190-epoch backbone
 #   long3_base_ft     +15 epochs, gates open, label smoothing 0.1  -> its same-budget ResNet-38 baseline
@@ -292,6 +293,20 @@ if [[ $stage == dp_nodp ]]; then
         --distill-from "$RUNS/c10_r38_dp_swa/model" --distill-weight 0.7 --distill-temperature 1 \
         --weight-decay 1e-4 "${SWA[@]}" "${DP[@]}" --drop-path 0
   done
+fi
+if [[ $stage == dp_swa_ext ]]; then
+  # both sides of the dp family averaged 10 epochs longer (135 epochs in all): dp_kdswa25_a* and dp_swa35. At the
+  # end of their 15 epochs the SkipNets' averages still rose 0.25 points per 5 epochs, the ResNet-38's 0.05-0.08;
+  # each continues the shorter run's last checkpoint (constant lr: bit-identical to the longer run from the start)
+  for alpha in ${DP_ALPHAS:-0.7}; do
+    extend "dp_kdswa_a$alpha" "dp_kdswa25_a$alpha"
+    run "c10_r38_dp_kdswa25_a$alpha" --stage ft --initial-checkpoint "$RUNS/c10_r38_dp_rl_a$alpha/model" \
+        --distill-from "$RUNS/c10_r38_dp_swa/model" --distill-weight 0.7 --distill-temperature 1 \
+        --weight-decay 1e-4 "${SWA[@]}" "${DP[@]}" --epochs 25
+  done
+  extend dp_swa25 dp_swa35
+  run c10_r38_dp_swa35 --stage base --initial-checkpoint "$RUNS/c10_r38_dp/model" --weight-decay 5e-4 \
+      --smoothing 0.1 "${SWA[@]}" --epochs 35 "${DP[@]}"
 fi
 if [[ $stage == long3 || $stage == long3_all ]]; then
   # a third warm restart (+50 epochs, label smoothing 0.1) of the 140-epoch backbone: the 190-epoch backbone
