@@ -54,7 +54,8 @@ FAMILIES = [
          skipnets=['c10_r38_long3_rl_a*', 'c10_r38_long3_kd_a*']),
     dict(backbone='c10_r38_dp', baselines=['c10_r38_dp_swa', 'c10_r38_dp_swa25', 'c10_r38_dp_swa35'],
          skipnets=['c10_r38_dp_rl_a*', 'c10_r38_dp_kdswa_a*', 'c10_r38_dp_kdrl_a*', 'c10_r38_dp_kdrlswa_a*',
-                   'c10_r38_dp_kdswaseed*_a*', 'c10_r38_dp_kdswanodp_a*', 'c10_r38_dp_kdswa25_a*']),
+                   'c10_r38_dp_kdswaseed*_a*', 'c10_r38_dp_kdswanodp_a*', 'c10_r38_dp_kdswa25_a*',
+                   'c10_r38_dp_kdswa25seed*_a*', 'c10_r38_dp_kdswa25nodp_a*']),
 ]
 # the recipe stages (examples/cifar10_skipnet38.sh) that train each backbone's family
 RECIPE_STAGES = {'c10_r38_base': ['all'], 'c10_r38_long': ['base', 'long_all'],
@@ -64,8 +65,10 @@ RECIPE_STAGES = {'c10_r38_base': ['all'], 'c10_r38_long': ['base', 'long_all'],
                  'c10_r38_long3': ['base', 'long', 'long2', 'long3', 'long3_all'],
                  'c10_r38_dp': ['dp_all']}
 # runs trained by a stage of their own after the family's stages
-RUN_STAGES = {'c10_r38_dp_kdrl*': 'dp_kdrl', 'c10_r38_dp_kdswaseed*': 'dp_seed', 'c10_r38_dp_kdswanodp*': 'dp_nodp',
-              'c10_r38_dp_kdswa25_*': 'dp_swa_ext', 'c10_r38_dp_swa35': 'dp_swa_ext'}
+RUN_STAGES = {'c10_r38_dp_kdrl*': ('dp_kdrl',), 'c10_r38_dp_kdswaseed*': ('dp_seed',),
+              'c10_r38_dp_kdswanodp*': ('dp_nodp',), 'c10_r38_dp_kdswa25_*': ('dp_swa_ext',),
+              'c10_r38_dp_swa35': ('dp_swa_ext',), 'c10_r38_dp_kdswa25seed*': ('dp_seed', 'dp_seed_ext'),
+              'c10_r38_dp_kdswa25nodp*': ('dp_nodp', 'dp_nodp_ext')}
 
 
 LEDGER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'cifar10_runs.json')
@@ -134,7 +137,8 @@ def _alpha_env(run: str) -> str:
 
 
 def _recipe_stages(run: str, backbone: str) -> list:
-    return RECIPE_STAGES[backbone] + [st for pattern, st in RUN_STAGES.items() if fnmatch.fnmatchcase(run, pattern)]
+    return RECIPE_STAGES[backbone] + [st for pattern, stages in RUN_STAGES.items()
+                                      if fnmatch.fnmatchcase(run, pattern) for st in stages]
 
 
 def _kind(name: str, family: dict) -> str:

@@ -28,6 +28,7 @@
 #   dp_seed (stage)   dp_kdswaseed<SEED>_a*: dp_kdswa again with another seed (SEED, default 1), its noise
 #   dp_nodp (stage)   dp_kdswanodp_a*: dp_kdswa with the ft's stochastic depth off
 #   dp_swa_ext        both sides averaged 10 epochs longer (135): dp_kdswa25_a* and dp_swa35
+#   dp_seed_ext, dp_nodp_ext  the same for dp_seed and dp_nodp: dp_kdswa25seed<SEED>_a*, dp_kdswa25nodp_a*
 # The long3 family (stages long3, then long3_all = long3_base_ft + long3_rl):
 #   long3             +50 epochs third warm restart of long2, label smoothing 0.1  -> the 190-epoch backbone
 #   long3_base_ft     +15 epochs, gates open, label smoothing 0.1  -> its same-budget ResNet-38 baseline
@@ -307,6 +308,22 @@ if [[ $stage == dp_swa_ext ]]; then
   extend dp_swa25 dp_swa35
   run c10_r38_dp_swa35 --stage base --initial-checkpoint "$RUNS/c10_r38_dp/model" --weight-decay 5e-4 \
       --smoothing 0.1 "${SWA[@]}" --epochs 35 "${DP[@]}"
+fi
+if [[ $stage == dp_seed_ext ]]; then  # dp_kdswaseed<SEED>_a* (stage dp_seed) averaged 10 epochs longer, as dp_swa_ext
+  for alpha in ${DP_ALPHAS:-0.7}; do
+    extend "dp_kdswaseed${SEED:-1}_a$alpha" "dp_kdswa25seed${SEED:-1}_a$alpha"
+    run "c10_r38_dp_kdswa25seed${SEED:-1}_a$alpha" --stage ft --initial-checkpoint "$RUNS/c10_r38_dp_rl_a$alpha/model" \
+        --distill-from "$RUNS/c10_r38_dp_swa/model" --distill-weight 0.7 --distill-temperature 1 \
+        --weight-decay 1e-4 "${SWA[@]}" "${DP[@]}" --seed "${SEED:-1}" --epochs 25
+  done
+fi
+if [[ $stage == dp_nodp_ext ]]; then  # dp_kdswanodp_a* (stage dp_nodp) averaged 10 epochs longer, as dp_swa_ext
+  for alpha in ${DP_ALPHAS:-0.7}; do
+    extend "dp_kdswanodp_a$alpha" "dp_kdswa25nodp_a$alpha"
+    run "c10_r38_dp_kdswa25nodp_a$alpha" --stage ft --initial-checkpoint "$RUNS/c10_r38_dp_rl_a$alpha/model" \
+        --distill-from "$RUNS/c10_r38_dp_swa/model" --distill-weight 0.7 --distill-temperature 1 \
+        --weight-decay 1e-4 "${SWA[@]}" "${DP[@]}" --drop-path 0 --epochs 25
+  done
 fi
 if [[ $stage == long3 || $stage == long3_all ]]; then
   # a third warm restart (+50 epochs, label smoothing 0.1) of the 140-epoch backbone: the 190-epoch backbone

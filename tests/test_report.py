@@ -145,6 +145,9 @@ def test_the_card_commands_train_exactly_the_chosen_runs_stage_alpha_and_seed():
     assert report._recipe_stages('c10_r38_dp_kdswa_a0.7', 'c10_r38_dp') == ['dp_all']
     assert report._recipe_stages('c10_r38_dp_kdswanodp_a0.7', 'c10_r38_dp') == ['dp_all', 'dp_nodp']
     assert report._recipe_stages('c10_r38_dp_kdswa25_a0.7', 'c10_r38_dp') == ['dp_all', 'dp_swa_ext']
+    assert report._recipe_stages('c10_r38_dp_kdswa25seed1_a0.7', 'c10_r38_dp') == ['dp_all', 'dp_seed', 'dp_seed_ext']
+    assert report._alpha_env('c10_r38_dp_kdswa25seed1_a0.7') == 'DP_ALPHAS=0.7 SEED=1 '
+    assert report._recipe_stages('c10_r38_dp_kdswa25nodp_a0.7', 'c10_r38_dp') == ['dp_all', 'dp_nodp', 'dp_nodp_ext']
     assert report._alpha_env('c10_r38_long2_kdswa_a0.7') == 'LONG2_ALPHAS=0.7 '
 
 
