@@ -136,6 +136,24 @@ def _alpha_env(run: str) -> str:
     return (f'{m.group(1).upper()}_ALPHAS={m.group(2)} ' if m else '') + (f'SEED={seed.group(1)} ' if seed else '')
 
 
+def _siblings(candidates: dict, chosen: str) -> list:
+    """The other candidates started from the same run as ``chosen`` and trained as long (its replicates with another
+    seed, its one-setting ablations): the card reports the spread of the recipe, not only the published draw."""
+    start, epochs = candidates[chosen]['chain'][1:2], candidates[chosen]['epochs']
+    return [n for n, c in candidates.items() if n != chosen and c['chain'][1:2] == start and c['epochs'] == epochs]
+
+
+def _siblings_sentence(candidates: dict, chosen: str) -> str:
+    siblings = _siblings(candidates, chosen)
+    if not siblings:
+        return ''
+    gaps = [candidates[n]['gap'] for n in [chosen, *siblings]]
+    listed = ', '.join(f"{n} {candidates[n]['summary']['top1']:.2f} % (gap {candidates[n]['gap']:.2f})"
+                       for n in siblings)
+    return (f' Other runs from the same start and budget (another seed, or one setting changed): {listed}; the mean '
+            f'gap of all {len(gaps)} is {sum(gaps) / len(gaps):.2f}, so read this model as one draw of the recipe.')
+
+
 def _recipe_stages(run: str, backbone: str) -> list:
     return RECIPE_STAGES[backbone] + [st for pattern, stages in RUN_STAGES.items()
                                       if fnmatch.fnmatchcase(run, pattern) for st in stages]
@@ -332,7 +350,8 @@ def main():
     if args.dry_run:
         print_table(runs, candidates, args.runs)
         print(f"\nwould publish {chosen} ({'meets' if chosen in ok else 'misses'} the target; same-budget baseline "
-              f"{candidates[chosen]['baseline']}, best ResNet-38 of any budget {best_resnet})")
+              f"{candidates[chosen]['baseline']}, best ResNet-38 of any budget {best_resnet})"
+              + _siblings_sentence(candidates, chosen))
         return
     run_dir = os.path.join(args.runs, chosen)
     base_run = candidates[chosen]['baseline']
@@ -390,7 +409,7 @@ def main():
         f'{speed[256][0] / speed[256][1]:.2f}x at batch 256 (10,000 images); medians of 3 interleaved rounds.',
         f"This model {verdict}: {candidates[chosen]['gap']:.2f} points below its baseline, "
         f"{candidates[chosen]['gap_best']:.2f} below the most accurate ResNet-38 of any budget. Top-1 on the first "
-        f'1,000 test images: {first_1000:.2f} %.', '',
+        f'1,000 test images: {first_1000:.2f} %.' + _siblings_sentence(candidates, chosen), '',
         '## Reproduce', '', '```bash',
         *[f'{_alpha_env(chosen)}CIFAR10_DIR=../shared/data/cifar10/plain bash examples/cifar10_skipnet38.sh {stage}'
           for stage in _recipe_stages(chosen, candidates[chosen]['family']['backbone'])],

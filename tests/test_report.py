@@ -29,13 +29,13 @@ def test_without_runs_the_ledger_reproduces_the_published_choice_and_its_numbers
     report = _report()
     ledger = report.read_ledger()
     published = json.loads((PUBLISHED / 'eval_results.json').read_text())
-    choice = 'c10_r38_long2_kdswa_a0.7'
+    choice = 'c10_r38_dp_kdswa25_a0.7'
     assert ledger[choice]['summary']['top1'] == published['top1']
     assert ledger[choice]['summary']['macs_mean'] == published['macs_mean']
-    assert f'would publish {choice} (misses the target' in _dry_run(tmp_path / 'no_runs')
+    assert f'would publish {choice} (meets the target' in _dry_run(tmp_path / 'no_runs')
 
 
-def _fake_run(runs, name, initial_checkpoint, epochs, top1=None):
+def _fake_run(runs, name, initial_checkpoint, epochs, top1=None, macs_mean=57.4e6):
     ckpt = runs / name / 'checkpoints' / 'step_1'
     ckpt.mkdir(parents=True)
     (ckpt / 'trainer_state.json').write_text(json.dumps(
@@ -43,7 +43,8 @@ def _fake_run(runs, name, initial_checkpoint, epochs, top1=None):
     (runs / name / 'checkpoints' / 'latest').write_text('step_1')
     (runs / name / 'log.jsonl').write_text('{"time": 0}\n{"time": 360}\n')
     if top1 is not None:
-        summary = dict(top1=top1, macs_full=83280512.0, macs_mean=57.4e6, macs_reduction_pct=31.0,
+        summary = dict(top1=top1, macs_full=83280512.0, macs_mean=macs_mean,
+                       macs_reduction_pct=round(100 * (1 - macs_mean / 83280512.0), 1),
                        executed_blocks_mean=12.5)
         (runs / name / 'eval_ft.json').write_text(json.dumps(summary))
 
@@ -54,7 +55,7 @@ def test_a_run_started_from_published_weights_counts_the_published_runs_epochs_a
     (runs / 'pub' / 'origin').write_text(f'{runs}/c10_r38_long2_kdswa_a0.7\n')  # ledger-only: checkpoints gone
     (runs / 'init.safetensors').write_bytes(b'')
     (runs / 'init.safetensors.origin').write_text(f'{runs}/pub\n')
-    _fake_run(runs, 'c10_r38_thr_g1_r0.5', f'{runs}/init.safetensors', 10, top1=99.0)
+    _fake_run(runs, 'c10_r38_thr_g1_r0.5', f'{runs}/init.safetensors', 10, top1=99.0, macs_mean=45e6)
     report = _report()
     ledger = report.read_ledger()
     run = str(runs / 'c10_r38_thr_g1_r0.5')
@@ -92,7 +93,7 @@ def test_a_ledger_only_choice_keeps_the_published_folder_replots_and_records_liv
     shutil.copy(PUBLISHED / 'eval_results.json', tmp_path / 'published')
     out = _publish(runs, tmp_path, tmp_path / 'published')
     assert out.returncode == 0, out.stderr
-    assert 'c10_r38_long2_kdswa_a0.7 (already published' in out.stdout
+    assert 'c10_r38_dp_kdswa25_a0.7 (already published' in out.stdout
     assert sorted(p.name for p in (tmp_path / 'published').iterdir()) == ['eval_results.json']  # nothing exported
     assert (tmp_path / 'assets' / 'cifar10_accuracy_vs_macs.png').stat().st_size > 10_000
     recorded = json.loads((tmp_path / 'ledger.json').read_text())['runs']['c10_r38_thr_g1_r0.5']
@@ -119,7 +120,7 @@ def test_an_origin_chain_that_loops_is_refused_with_the_loop(tmp_path):
 def test_a_skipnet_is_held_to_the_resnet38_of_its_own_lineage_and_budget_which_must_reach_90(tmp_path):
     runs = tmp_path / 'runs'
     # dp family, 100 + 25 = 125 epochs: baseline dp_swa25 (90.22 %); 0.42 below it (0.94 below the 175-epoch best)
-    _fake_run(runs, 'c10_r38_dp_kdrlswa_a0.9', f'{runs}/c10_r38_dp/model', 25, top1=89.80)
+    _fake_run(runs, 'c10_r38_dp_kdrlswa_a0.9', f'{runs}/c10_r38_dp/model', 25, top1=89.80, macs_mean=45e6)
     out = _dry_run(runs)
     assert ('would publish c10_r38_dp_kdrlswa_a0.9 (meets the target; same-budget baseline c10_r38_dp_swa25, '
             'best ResNet-38 of any budget c10_r38_long2_swa35)') in out
@@ -134,7 +135,7 @@ def test_a_skipnet_close_to_a_baseline_below_90_does_not_meet_the_target(tmp_pat
     _fake_run(runs, 'c10_r38_long_ft_a0.9', f'{runs}/c10_r38_long/model', 15, top1=89.45)
     out = _dry_run(runs)
     assert '| c10_r38_long_ft_a0.9 | 105 | 89.45 |' in out and '| 0.05 (c10_r38_long_base_ft) |' in out
-    assert 'would publish c10_r38_long2_kdswa_a0.7 (misses the target' in out
+    assert 'would publish c10_r38_long_ft_a0.9' not in out
 
 
 def test_the_card_commands_train_exactly_the_chosen_runs_stage_alpha_and_seed():
@@ -160,3 +161,17 @@ def test_runs_are_plotted_as_the_stage_that_made_them():
     assert kinds == {'c10_r38_dp_rl_a0.7': 'rl', 'c10_r38_dp_kdrl_a0.7': 'rl',  # an rl stage, distilled or not
                      'c10_r38_dp_kdswa_a0.7': 'kd', 'c10_r38_dp_kdrlswa_a0.7': 'kd', 'c10_r38_dp_kdswaseed1_a0.7': 'kd',
                      'c10_r38_dp_kdswanodp_a0.7': 'kd'}
+
+
+def test_the_card_reports_the_runs_that_share_the_chosen_runs_start_and_budget():
+    report = _report()
+    def cand(top1, gap, chain, epochs=135):
+        return dict(summary=dict(top1=top1), gap=gap, chain=chain, epochs=epochs)
+    candidates = {'c10_r38_dp_kdswa25_a0.7': cand(89.73, 0.46, ['c10_r38_dp_kdswa25_a0.7', 'rl', 'dp']),
+                  'c10_r38_dp_kdswa25seed1_a0.7': cand(89.59, 0.60, ['c10_r38_dp_kdswa25seed1_a0.7', 'rl', 'dp']),
+                  'c10_r38_dp_kdswa_a0.7': cand(89.59, 0.63, ['c10_r38_dp_kdswa_a0.7', 'rl', 'dp'], epochs=125),
+                  'c10_r38_dp_kdrlswa_a0.7': cand(89.02, 1.20, ['c10_r38_dp_kdrlswa_a0.7', 'kdrl', 'dp'])}
+    assert report._siblings(candidates, 'c10_r38_dp_kdswa25_a0.7') == ['c10_r38_dp_kdswa25seed1_a0.7']
+    sentence = report._siblings_sentence(candidates, 'c10_r38_dp_kdswa25_a0.7')
+    assert 'c10_r38_dp_kdswa25seed1_a0.7 89.59 % (gap 0.60); the mean gap of all 2 is 0.53' in sentence
+    assert report._siblings_sentence(candidates, 'c10_r38_dp_kdrlswa_a0.7') == ''
