@@ -38,10 +38,33 @@ class DataSpec:
 
     def resolved(self) -> 'DataSpec':
         preset = PRESETS.get(self.dataset, {})
+        if not preset:
+            check_local_path(self.dataset)
         if not preset and os.path.isdir(self.dataset):
             preset = _sniff_local(self.dataset)
         out = DataSpec(**{**_GENERIC, **preset, **{k: v for k, v in vars(self).items() if v is not None}})
         return out
+
+
+def looks_like_path(name: str) -> bool:
+    """A Hub dataset id is ``name`` or ``owner/name``; anything absolute, relative (``./``, ``~``), deeper, inside an
+    existing local folder or ending in a file extension is a local path the user meant, never a Hub id to stream."""
+    return (os.path.isabs(name) or name.startswith(('.', '~')) or name.count('/') > 1 or '\\' in name
+            or ('/' in name and os.path.isdir(name.split('/')[0]))
+            or name.endswith(('.parquet', '.arrow', '.jsonl', '.csv')))
+
+
+def check_local_path(name: str) -> None:
+    """Say that a local dataset path is missing (or is a file) instead of asking for --num-classes, then streaming it
+    from the Hub under a name that does not exist there."""
+    if os.path.isdir(name):
+        return
+    if os.path.isfile(name):
+        raise ValueError(f"--dataset {name} is a file: pass the folder holding the '<split>-*.parquet' files or the "
+                         f"'<split>/<class>/<image>' folders.")
+    if looks_like_path(name):
+        raise FileNotFoundError(f'--dataset {name} does not exist: pass an existing folder of Parquet files or an '
+                                f'image folder (or a Hub dataset id such as uoft-cs/cifar10).')
 
 
 def _parquet_files(folder: str, split: str) -> List[str]:
@@ -122,14 +145,71 @@ def decode_image(value) -> Image.Image:
     return img.convert('RGB')
 
 
+class LabelError(ValueError):
+    """A label no class index can mean (null, or outside ``0 .. num_classes - 1``): the row is never trained on or
+    scored, since a wrong label silently changes the loss or the accuracy."""
+
+
+def _bad_label_rows(source: str, split: str, column: str, num_classes: Optional[int], limit: int = 5) -> List[str]:
+    """``file row N (value)`` for the first bad labels of a local Parquet split (one column read; error path only):
+    the streamed position of a shuffled or sharded stream is no place a user can find."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    if not os.path.isdir(source):
+        return []
+    found = []
+    for path in _parquet_files(source, split):
+        labels = pq.read_table(path, columns=[column]).column(column)
+        bad = pc.is_null(labels)
+        if num_classes is not None:
+            bad = pc.or_kleene(bad, pc.or_kleene(pc.less(labels, 0), pc.greater_equal(labels, num_classes)))
+        for row in pc.indices_nonzero(pc.fill_null(bad, True)).to_pylist():
+            found.append(f'{path} row {row} ({labels[row].as_py()})')
+            if len(found) >= limit:
+                return found
+    return found
+
+
+def check_label(value, row: int, num_classes: Optional[int], column: str, split: str = '', source: str = '',
+                position: str = 'row') -> int:
+    """The class index of one row; :class:`LabelError` naming the split, column, row and value when it has none."""
+    if value is None:
+        problem = 'is null'
+    else:
+        label = int(value)  # not a number at all raises: counted with the undecodable rows (a wrong column)
+        if label != value and not isinstance(value, str):
+            problem = f'is {value!r}, not an integer class index'
+        elif num_classes is not None and not 0 <= label < num_classes:
+            problem = f'is {label}, outside 0..{num_classes - 1} ({num_classes} classes)'
+        else:
+            return label
+    where = f"split '{split}' of {source}" if split else 'the data'
+    message = (f"Label column '{column}', {position} {row} of {where} {problem}: such a row can be neither trained "
+               f"on nor scored.")
+    rows = _bad_label_rows(source, split, column, num_classes) if split and source else []
+    if rows:
+        message += ' Bad labels: ' + ', '.join(rows) + '.'
+    if value is None or value == -1:
+        message += ' A null or -1 label usually marks an unlabelled split (e.g. a Hub test split): use a labelled one.'
+    message += ' Fix the data, or point --label-column / --num-classes at the right column and class count.'
+    raise LabelError(message)
+
+
 class ImageStream(torch.utils.data.IterableDataset):
-    """Decodes and transforms a (sharded, shuffled) stream; yields ``(image, label)`` or ``None`` for a bad image."""
+    """Decodes and transforms a (sharded, shuffled) stream; yields ``(image, label)`` or ``None`` for a bad image.
+
+    Labels are checked as they stream (null, or outside ``0 .. num_classes - 1`` when ``num_classes`` is given): a
+    bad label raises :class:`LabelError` naming ``split``, the column, the row and the value, instead of being
+    scored as a wrong prediction or crashing the loss with an IndexError. ``ordered``: the stream reads the split
+    in file order (no shuffle, one reader), so its position is the split's row number."""
 
     def __init__(self, ds, transform: Callable, image_column: str, label_column: str, skip: int = 0,
-                 limit: Optional[int] = None):
+                 limit: Optional[int] = None, num_classes: Optional[int] = None, split: str = '', source: str = '',
+                 ordered: bool = True):
         super().__init__()
         self.ds, self.transform, self.skip, self.limit = ds, transform, skip, limit
         self.image_column, self.label_column = image_column, label_column
+        self.num_classes, self.split, self.source, self.ordered = num_classes, split, source, ordered
 
     def __iter__(self) -> Iterator[Optional[Tuple[torch.Tensor, int]]]:
         good = bad = 0
@@ -142,7 +222,11 @@ class ImageStream(torch.utils.data.IterableDataset):
             if i < self.skip:
                 continue
             try:
-                sample = self.transform(decode_image(row[self.image_column])), int(row[self.label_column])
+                label = check_label(row[self.label_column], i, self.num_classes, self.label_column, self.split,
+                                    self.source, 'row' if self.ordered else 'streamed row')
+                sample = self.transform(decode_image(row[self.image_column])), label
+            except LabelError:
+                raise
             except Exception as e:  # noqa: BLE001 -- an undecodable image is skipped and counted, never fatal
                 bad += 1
                 if good == 0 and bad >= 64:  # nothing decodes: a wrong column or split, not a few corrupt files
@@ -211,9 +295,12 @@ def reshard_for_workers(ds, workers: int, world_size: int = 1):
 def make_loader(spec: DataSpec, split: str, transform: Callable, batch_size: int, *, rank: int = 0,
                 world_size: int = 1, shuffle: bool = False, seed: int = 0, epoch: int = 0, skip: int = 0,
                 limit: Optional[int] = None, shuffle_buffer: int = 10_000, workers: int = 0,
-                shard_for_workers: Optional[int] = None):
+                shard_for_workers: Optional[int] = None, num_classes: Optional[int] = None,
+                check_labels: bool = True):
     """A DataLoader over this process's share of ``split``. ``skip`` drops already-seen samples of the epoch
-    (resume) without decoding them; ``limit`` caps the samples per process (split between its workers).
+    (resume) without decoding them; ``limit`` caps the samples per process (split between its workers). Labels
+    must lie in ``0 .. num_classes - 1`` (default: the dataset's class count, when known; ``check_labels=False``:
+    any non-null label, where labels are never read).
     ``shard_for_workers`` (default: ``workers``) decides the sharding, hence the order of a shuffled stream: a
     resume that reads in one process passes the run's worker count to see the epoch in the same order."""
     from datasets.distributed import split_dataset_by_node
@@ -225,7 +312,9 @@ def make_loader(spec: DataSpec, split: str, transform: Callable, batch_size: int
         ds.set_epoch(epoch)
     if world_size > 1:
         ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
-    stream = ImageStream(ds, transform, spec.image_column, spec.label_column, skip=skip, limit=limit)
+    stream = ImageStream(ds, transform, spec.image_column, spec.label_column, skip=skip, limit=limit,
+                         num_classes=None if not check_labels else num_classes or spec.num_classes, split=split,
+                         source=spec.dataset, ordered=not shuffle and world_size == 1 and workers == 0)
     # an own generator: creating the iterator must not draw from the global RNG, or resuming would shift it
     generator = torch.Generator().manual_seed(seed * 1000 + epoch)
     return torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=collate_skipping_bad,

@@ -14,24 +14,26 @@ def collect(model, loader, accelerator=None, max_batches: Optional[int] = None, 
     from tqdm.auto import tqdm
     net = accelerator.unwrap_model(model, keep_fp32_wrapper=False) if accelerator is not None else model
     was_training, execution = net.training, net.execution
-    net.eval()
-    net.set_execution('sparse')  # what a user runs: skipped blocks cost nothing (a trainer may have left 'dense')
     device = next(net.parameters()).device
     preds, labels, actions, probs, n_bad = [], [], [], [], 0
     bar = tqdm(loader, desc='eval', disable=not progress, leave=False)
-    for i, (x, y, bad) in enumerate(bar):
-        if max_batches is not None and i >= max_batches:
-            break
-        n_bad += bad
-        if x is None:
-            continue
-        trace = net(x.to(device), return_trace=True)
-        preds.append(trace.logits.argmax(1).cpu())
-        labels.append(y)
-        actions.append(trace.actions.cpu())
-        probs.append(trace.probs.cpu())
-    net.train(was_training)
-    net.set_execution(execution)
+    try:  # a bad batch or an interrupt must not leave a training model in eval mode / sparse execution
+        net.eval()
+        net.set_execution('sparse')  # what a user runs: skipped blocks cost nothing (a trainer may have left 'dense')
+        for i, (x, y, bad) in enumerate(bar):
+            if max_batches is not None and i >= max_batches:
+                break
+            n_bad += bad
+            if x is None:
+                continue
+            trace = net(x.to(device), return_trace=True)
+            preds.append(trace.logits.argmax(1).cpu())
+            labels.append(y)
+            actions.append(trace.actions.cpu())
+            probs.append(trace.probs.cpu())
+    finally:
+        net.train(was_training)
+        net.set_execution(execution)
     k = net.num_gated_blocks
     local = dict(preds=_cat(preds, (0,), torch.long), labels=_cat(labels, (0,), torch.long),
                  actions=_cat(actions, (0, k), torch.float32), probs=_cat(probs, (0, k), torch.float32),

@@ -4,7 +4,6 @@ A folder holds exactly what its Hub repo will: ``config.json`` (timm's ``save_fo
 ``model.safetensors`` and a ``README.md`` model card, plus ``eval_results.json`` (the measurements behind the card).
 ``hub_configs/<arch>.<tag>/`` in this repository are such folders.
 """
-import json
 import os
 from typing import Dict, Optional
 
@@ -15,13 +14,13 @@ REQUIRED_FILES = ('config.json', 'model.safetensors', 'README.md')
 
 
 def _read_json(path: str) -> Dict:
-    with open(path) as f:
-        return json.load(f)
+    from .loading import read_json
+    return read_json(path)
 
 
 def find_run_files(run_or_checkpoint: str) -> Dict[str, Optional[str]]:
     """Locate the weights, trainer state and evaluation JSON of a run dir, a checkpoint dir or an exported folder."""
-    from .checkpoints import EMA_FILE, resolve_checkpoint
+    from .checkpoints import EMA_BN_FILE, EMA_FILE, resolve_checkpoint
     path = os.path.abspath(run_or_checkpoint)
     if os.path.exists(os.path.join(path, 'config.json')) and os.path.exists(os.path.join(path, 'model.safetensors')):
         evals = os.path.join(path, 'eval_results.json')
@@ -32,9 +31,10 @@ def find_run_files(run_or_checkpoint: str) -> Dict[str, Optional[str]]:
     stage = _read_json(state)['stage']
     run_dir = os.path.dirname(os.path.dirname(ckpt))
     evals = os.path.join(run_dir, f'eval_{stage}.json')
-    # a run trained with --model-ema delivers (exports, evaluates as eval_<stage>.json) the average, not the raw weights
-    ema = os.path.join(ckpt, EMA_FILE)
-    weights = ema if os.path.exists(ema) else os.path.join(ckpt, 'model.safetensors')
+    # a run trained with --model-ema delivers (exports, evaluates as eval_<stage>.json) the average, not the raw
+    # weights; with --model-ema-update-bn, the average with its BatchNorm statistics recomputed
+    candidates = [os.path.join(ckpt, n) for n in (EMA_BN_FILE, EMA_FILE)]
+    weights = next((c for c in candidates if os.path.exists(c)), os.path.join(ckpt, 'model.safetensors'))
     return dict(weights=weights, state=state, config=None,
                 eval=evals if os.path.exists(evals) else None)
 

@@ -20,11 +20,22 @@ class GateDecision:
     log_prob: torch.Tensor  # (B,) log pi(action); differentiable w.r.t. the logit
 
 
-def hard_decision(logits: torch.Tensor, threshold_logit: float = 0.0) -> torch.Tensor:
+# logit(1) as a finite number (the model clamps thresholds t = 0 / 1 to -/+ this): a gate at or above it is closed
+THRESHOLD_LOGIT_LIMIT = 1e30
+
+
+def hard_decision(logits: torch.Tensor, threshold_logit=0.0) -> torch.Tensor:
     """1 where p = sigmoid(logit) > t, i.e. logit > logit(t) (t = 0.5 unless the model sets per-gate thresholds).
     Decided on the logit: float32 sigmoid rounds logits within ~3e-8 of 0 to exactly 0.5, and the logit test keeps
-    every path (train, eval, sparse, dense) on the same side of the line."""
-    return (logits.float() > threshold_logit).to(logits.dtype)  # float32: a bf16 compare would round the threshold
+    every path (train, eval, sparse, dense) on the same side of the line. A threshold at THRESHOLD_LOGIT_LIMIT or
+    above is t = 1, a block forced closed: no logit runs it, not even +inf (an fp16 overflow)."""
+    run = logits.float() > threshold_logit  # float32: a bf16 compare would round the threshold
+    closed = threshold_logit >= THRESHOLD_LOGIT_LIMIT
+    if torch.is_tensor(closed):
+        run = run & ~closed
+    elif closed:
+        run = torch.zeros_like(run)
+    return run.to(logits.dtype)
 
 
 def straight_through(prob: torch.Tensor, hard: torch.Tensor = None) -> torch.Tensor:

@@ -12,15 +12,20 @@ from typing import Optional
 import torch
 
 
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def skip_rewards(actions: torch.Tensor, alpha: float) -> torch.Tensor:
-    """(B, K) per-gate reward for skipping."""
-    return (1.0 - actions) * (alpha / actions.shape[1])
+    """(B, K) per-gate reward for skipping, in float32 at least: under autocast the actions are bf16 / fp16, which
+    would round alpha / K and every return built from it."""
+    return (1.0 - _at_least_float32(actions)) * (alpha / actions.shape[1])
 
 
 def discounted_returns(rewards: torch.Tensor, terminal: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
-    """(B, K) returns G_k = r_k + gamma * G_{k+1}, with G_{K+1} = ``terminal`` (B,)."""
+    """(B, K) returns G_k = r_k + gamma * G_{k+1}, with G_{K+1} = ``terminal`` (B,); float32 at least."""
+    rewards, g = _at_least_float32(rewards), _at_least_float32(terminal)
     returns = torch.empty_like(rewards)
-    g = terminal
     for k in range(rewards.shape[1] - 1, -1, -1):
         g = rewards[:, k] + gamma * g
         returns[:, k] = g
@@ -56,6 +61,9 @@ def hybrid_rl_loss(logits: torch.Tensor, targets: torch.Tensor, actions: torch.T
     can settle on per-image decisions rather than every gate at p = 0 or 1."""
     ce = ce_fn(logits, targets) if ce_fn is not None else torch.nn.functional.cross_entropy(
         logits, targets, reduction='none')
+    if ce.shape != logits.shape[:1]:  # a mean-reduced CE would give every image the batch-mean return
+        raise ValueError(f'ce_fn must return one loss per image (reduction="none"), shape ({logits.shape[0]},); '
+                         f'got shape {tuple(ce.shape)}.')
     returns = discounted_returns(skip_rewards(actions, alpha), -beta * ce.detach().float(), gamma)
     rl = reinforce_loss(log_probs.float(), returns, baseline)
     if entropy_weight:

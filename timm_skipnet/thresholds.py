@@ -143,7 +143,7 @@ def main(args) -> None:
     if not args.output.endswith('.safetensors'):
         raise ValueError(f'--output must be a .safetensors file, got {args.output!r}.')
     args.split = args.split or 'train'
-    model, loader, _, split = model_and_eval_loader(args)
+    model, loader, _, split = model_and_eval_loader(args, check_labels=False)  # calibration never reads a label
     if budget:
         offset, saved, n = set_thresholds_for_macs_reduction(model, loader, args.macs_reduction)
         message = (f'every threshold shifted by {offset:+.4f} logits saves {saved:.2f} % of the MACs on {n} {split} '

@@ -27,7 +27,16 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from .checkpoints import EMA_FILE, atomic_write_text, resolve_checkpoint, save_checkpoint
+from .checkpoints import (
+    EMA_BN_FILE,
+    EMA_FILE,
+    RNG_FILE,
+    accelerate_rng_problem,
+    atomic_write_text,
+    resolve_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 
 STAGE_POLICY = {'base': 'open', 'sp': 'straight_through', 'rl': 'sample', 'ft': 'greedy'}
 FROZEN_GATE_STAGES = ('base', 'ft')
@@ -41,6 +50,10 @@ class TrainConfig:
     initial_checkpoint: str = field(default='', metadata=dict(help='weights to start from: .safetensors, a '
                                                                    'weights-only .pth, or an exported folder'))
     resume: str = field(default='', metadata=dict(help='checkpoint dir (or run output dir) to resume'))
+    resume_without_rng_state: bool = field(default=False, metadata=dict(help=(
+        'resume a checkpoint whose random state is missing or unreadable (refused otherwise): the run goes on from '
+        'a fresh random state, so it no longer reproduces an uninterrupted run; its checkpoints record '
+        '"reproducible": false')))
     num_classes: Optional[int] = field(default=None, metadata=dict(help='default: from the dataset preset'))
     gate_type: str = field(default='rnn', metadata=dict(help='rnn | ff1 | ff2'))
     reset_gates: bool = field(default=False, metadata=dict(
@@ -107,6 +120,12 @@ class TrainConfig:
         'decay warmup 1 - (1 + step)^-power; with --model-ema-warmup-power 1 and --model-ema-decay 1 the EMA is '
         'the plain average of every update (SWA, Izmailov et al., 2018)')))
     model_ema_warmup_power: float = field(default=2 / 3, metadata=dict(help='power of the decay warmup'))
+    model_ema_update_bn: int = field(default=0, metadata=dict(help=(
+        'after training, recompute the BatchNorm statistics of the average with one pass over this many training '
+        'images (torch.optim.swa_utils.update_bn: statistics reset, then a cumulative mean over the batches; dense, '
+        'gates as deployed) and evaluate / export that. 0 keeps the averaged running statistics, which are not the '
+        "statistics of the averaged weights (what the published SWA runs used). The checkpoint keeps the plain "
+        f'average ({EMA_FILE}, so the run can be extended) beside the recomputed one ({EMA_BN_FILE})')))
     amp: str = field(default='no', metadata=dict(help='mixed precision: no | fp16 | bf16'))
     cpu: bool = field(default=False, metadata=dict(help='run on CPU even when a GPU is present'))
     # bookkeeping
@@ -274,9 +293,31 @@ def build_teacher(cfg: TrainConfig, arch: str, model_args: Dict[str, Any], devic
     return teacher.requires_grad_(False).eval().to(device)
 
 
+def check_numbers(cfg: TrainConfig) -> None:
+    """Settings no run can use, refused before any work (a batch of 0 would divide by zero, a negative one be
+    blamed on the sample count; a negative skip reward trains gates to run every block, silently)."""
+    for name in ('batch_size', 'grad_accum_steps', 'log_every', 'checkpoint_every'):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}.")
+    for name in ('steps', 'train_num_samples', 'eval_num_samples'):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (or unset), got {getattr(cfg, name)}.")
+    if cfg.epochs < 1 and cfg.steps is None:
+        raise ValueError(f'--epochs must be at least 1 (or pass --steps), got {cfg.epochs}.')
+    if cfg.alpha < 0:
+        raise ValueError(f'--alpha is the reward for skipping a block and must be >= 0 (0: accuracy only), got '
+                         f'{cfg.alpha}.')
+
+
 # ---- weight averaging ----------------------------------------------------------------------------------------------
 def check_ema_settings(cfg: TrainConfig) -> None:
+    if cfg.model_ema_update_bn < 0:
+        raise ValueError(f'--model-ema-update-bn is a number of training images (0: off), got '
+                         f'{cfg.model_ema_update_bn}.')
     if not cfg.model_ema:
+        if cfg.model_ema_update_bn:
+            raise ValueError('--model-ema-update-bn recomputes the BatchNorm statistics of the weight average: add '
+                             '--model-ema (SWA: --model-ema-decay 1 --model-ema-warmup --model-ema-warmup-power 1).')
         return
     if not 0.0 < cfg.model_ema_decay <= 1.0 or cfg.model_ema_warmup_power <= 0:
         raise ValueError(f'--model-ema-decay must be in (0, 1] and --model-ema-warmup-power > 0, got '
@@ -295,9 +336,47 @@ def build_ema(cfg: TrainConfig, model: nn.Module):
                       warmup_power=cfg.model_ema_warmup_power)
 
 
-def _save_ema(ema, folder: str) -> None:
+def _save_ema(ema, folder: str, bn_updated: Optional[nn.Module] = None) -> None:
     from safetensors.torch import save_model
     save_model(ema.module, os.path.join(folder, EMA_FILE))
+    if bn_updated is not None:
+        save_model(bn_updated, os.path.join(folder, EMA_BN_FILE))
+
+
+@torch.no_grad()
+def update_bn(model: nn.Module, batches, gate_policy: str = 'greedy', keep_gates: bool = False,
+              autocast=None) -> int:
+    """``torch.optim.swa_utils.update_bn`` for a SkipNet: reset every BatchNorm's running statistics, set its
+    momentum to None (a cumulative mean over the batches), run ``batches`` in train mode, restore momenta and mode.
+
+    A weight average (SWA, ``--model-ema``) also averages the running statistics, which then belong to no network:
+    the statistics of the averaged weights are measured instead (Izmailov et al., 2018). Gates run ``gate_policy``
+    with the model's execution (dense in the trainer, as training normalised every block over the whole batch).
+    ``keep_gates``: the gates' own BatchNorm (ff gates) keeps its statistics, for stages that froze the gates.
+    Returns the number of images seen."""
+    import contextlib
+    prefix = 'gates.'
+    bns = [m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+           and m.track_running_stats and not (keep_gates and name.startswith(prefix))]
+    was_training, momenta, seen = model.training, {m: m.momentum for m in bns}, 0
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+        model.train()
+        if keep_gates:
+            model.gates.eval()
+        for x in batches:
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                model(x, gate_policy=gate_policy)
+            seen += x.shape[0]
+    finally:
+        for m, momentum in momenta.items():
+            m.momentum = momentum
+        model.train(was_training)
+    if bns and not seen:
+        raise RuntimeError('--model-ema-update-bn saw no training image: check the training split.')
+    return seen
 
 
 def _load_ema(ema, ckpt: str) -> None:
@@ -348,6 +427,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         raise ValueError(f"--rl-baseline must be 'none' or 'batch_mean', got {cfg.rl_baseline!r}.")
     if cfg.amp not in ('no', 'fp16', 'bf16'):
         raise ValueError(f"--amp must be 'no', 'fp16' or 'bf16', got {cfg.amp!r}.")
+    check_numbers(cfg)
     check_ema_settings(cfg)
     accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.amp, gradient_accumulation_steps=cfg.grad_accum_steps,
                               log_with=cfg.log_with or None, project_dir=cfg.output)
@@ -384,12 +464,13 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     ema = build_ema(cfg, accelerator.unwrap_model(model, keep_fp32_wrapper=True))
     ce_fn = nn.CrossEntropyLoss(label_smoothing=cfg.smoothing, reduction='none')
 
-    global_step = 0
+    global_step, reproducible = 0, True
     if cfg.resume:
+        from .loading import read_json
         ckpt = resolve_checkpoint(cfg.resume)
+        saved = read_json(os.path.join(ckpt, 'trainer_state.json'))
         accelerator.load_state(ckpt)
-        with open(os.path.join(ckpt, 'trainer_state.json')) as f:
-            saved = json.load(f)
+        reproducible = _restore_rng(accelerator, ckpt, cfg, log) and saved.get('reproducible', True)
         if saved['stage'] != cfg.stage:
             raise ValueError(f"{ckpt} is a '{saved['stage']}' checkpoint; resume it with --stage {saved['stage']}.")
         _check_same_schedule(saved.get('config', {}), cfg, ckpt)
@@ -403,11 +484,11 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     log.info(f'{cfg.stage}: {arch} {model_args}, {world} process(es), {steps_per_epoch} updates/epoch, '
              f'{total_steps} updates, {mac_table.full_macs / 1e6:.1f} MMACs full')
 
-    def save(final: bool = False) -> str:
+    def save(final: bool = False, bn_updated: Optional[nn.Module] = None) -> str:
         state = dict(global_step=global_step, stage=cfg.stage, arch=arch, model_args=model_args,
-                     config=dataclasses.asdict(cfg), num_processes=world, final=final)
+                     config=dataclasses.asdict(cfg), num_processes=world, final=final, reproducible=reproducible)
         return save_checkpoint(accelerator, cfg.output, state, cfg.keep_checkpoints,
-                               write_extra=None if ema is None else lambda d: _save_ema(ema, d))
+                               write_extra=None if ema is None else lambda d: _save_ema(ema, d, bn_updated))
 
     def evaluate(tag: str, net=None) -> Dict[str, Any]:
         loader = make_loader(spec, spec.eval_split, eval_tf, cfg.batch_size, rank=accelerator.process_index,
@@ -496,12 +577,17 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     bar.close()
     if bad_images:
         log.info(f'{bad_images} undecodable training images were skipped')
-    ckpt = save(final=True)
+    bn_updated = None
+    if cfg.model_ema_update_bn:  # the average with its own BatchNorm statistics is what the run delivers
+        bn_updated = _ema_with_updated_bn(ema, cfg, spec, train_tf, accelerator, epoch=total_steps // steps_per_epoch)
+        log.info(f'recomputed the BatchNorm statistics of the average on {cfg.model_ema_update_bn} training images')
+    ckpt = save(final=True, bn_updated=bn_updated)
     if ema is None:
         summary, final_net = evaluate(cfg.stage), accelerator.unwrap_model(model)
     else:  # the average is what the run delivers; the raw weights are kept for comparison
         evaluate(f'{cfg.stage}_no_ema')
-        summary, final_net = evaluate(cfg.stage, ema.module), ema.module
+        final_net = ema.module if bn_updated is None else bn_updated
+        summary = evaluate(cfg.stage, final_net)
     if cfg.export and accelerator.is_main_process:
         folder = export_folder(final_net, os.path.join(cfg.output, 'model'), model_args,
                                eval_summary=summary, train_config=dataclasses.asdict(cfg))
@@ -510,6 +596,51 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     accelerator.end_training()
     summary['checkpoint'] = ckpt
     return summary
+
+
+def _restore_rng(accelerator, ckpt: str, cfg: TrainConfig, log) -> bool:
+    """Put back every process's random state from the checkpoint; True when the resumed run stays reproducible.
+    Without one (an older checkpoint whose Accelerate pickle is missing or refused) the run is refused, or with
+    ``--resume-without-rng-state`` continued with a loud warning."""
+    rank = accelerator.process_index
+    problem = None if restore_rng_state(ckpt, rank) else accelerate_rng_problem(ckpt, rank)
+    if not _any_rank(accelerator, problem is not None):
+        return True
+    problem = problem or 'another process lost its random state'
+    message = (f'{ckpt} cannot restore the random state of process {rank}: {problem} (and it has no '
+               f'{RNG_FILE.format(rank)}). Resumed from it, data augmentation, gate sampling and drop path diverge '
+               f'from the uninterrupted run.')
+    if not cfg.resume_without_rng_state:
+        raise ValueError(message + ' Resume from a complete checkpoint, or pass --resume-without-rng-state to go on '
+                                   'anyway (the run is then recorded as not reproducible).')
+    import warnings
+    warnings.warn(message + ' Going on (--resume-without-rng-state); the checkpoints record "reproducible": false.',
+                  stacklevel=3)
+    log.info(f'WARNING: {problem}: this run no longer reproduces an uninterrupted one')
+    return False
+
+
+def _ema_with_updated_bn(ema, cfg: TrainConfig, spec, transform, accelerator, epoch: int) -> nn.Module:
+    """A copy of the average with BatchNorm statistics measured on ``--model-ema-update-bn`` training images (each
+    process its share, then averaged across processes); the average itself keeps going unchanged if resumed."""
+    import copy
+
+    from .data import make_loader
+    world = accelerator.num_processes
+    net = copy.deepcopy(ema.module)
+    loader = make_loader(spec, spec.train_split, transform, cfg.batch_size, rank=accelerator.process_index,
+                         world_size=world, shuffle=True, seed=cfg.seed, epoch=epoch,
+                         limit=_per_rank(cfg.model_ema_update_bn, world), shuffle_buffer=cfg.shuffle_buffer,
+                         workers=cfg.workers)
+    batches = (x.to(accelerator.device) for x, _, _ in loader if x is not None)
+    update_bn(net, batches, gate_policy='open' if cfg.stage == 'base' else 'greedy',
+              keep_gates=cfg.stage in FROZEN_GATE_STAGES, autocast=accelerator.autocast)
+    if world > 1:
+        for m in net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                m.running_mean.copy_(accelerator.reduce(m.running_mean, reduction='mean'))
+                m.running_var.copy_(accelerator.reduce(m.running_var, reduction='mean'))
+    return net.eval()
 
 
 def _any_rank(accelerator, flag: bool) -> bool:
