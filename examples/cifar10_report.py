@@ -57,7 +57,8 @@ FAMILIES = [
                    'c10_r38_dp_kdswaseed*_a*', 'c10_r38_dp_kdswanodp_a*', 'c10_r38_dp_kdswa25_a*',
                    'c10_r38_dp_kdswa25seed*_a*', 'c10_r38_dp_kdswa25nodp_a*']),
 ]
-# the recipe stages (examples/cifar10_skipnet38.sh) that train each backbone's family
+# the stages of the lineage script (every run as it was trained) that train each backbone's family
+LINEAGES = 'docs/experiments/cifar10_lineages.sh'
 RECIPE_STAGES = {'c10_r38_base': ['all'], 'c10_r38_long': ['base', 'long_all'],
                  'c10_r38_long2': ['base', 'long', 'long2', 'long2_all', 'long2_kd15', 'long2_swa', 'long2_swa_ext',
                                    'long2_kdswawd', 'long2_kdswat25', 'long2_rlswa', 'long2_ent', 'thr', 'thr_cos',
@@ -157,6 +158,17 @@ def _siblings_sentence(candidates: dict, chosen: str) -> str:
 def _recipe_stages(run: str, backbone: str) -> list:
     return RECIPE_STAGES[backbone] + [st for pattern, stages in RUN_STAGES.items()
                                       if fnmatch.fnmatchcase(run, pattern) for st in stages]
+
+
+def _reproduce_commands(run: str, backbone: str) -> list:
+    """Shell lines that train ``run``: the recipe script for a run of the shipped model's recipe, else the stages of
+    the lineage script that made it."""
+    recipe = re.fullmatch(r'c10_r38_dp_kdswa25(?:seed(\d+))?_a([\d.]+)', run)
+    data = 'CIFAR10_DIR=../shared/data/cifar10/plain'
+    if recipe:
+        seed = f'SEED={recipe.group(1)} ' if recipe.group(1) else ''
+        return [f'ALPHA={recipe.group(2)} {seed}{data} bash examples/cifar10_skipnet38.sh']
+    return [f'{_alpha_env(run)}{data} bash {LINEAGES} {stage}' for stage in _recipe_stages(run, backbone)]
 
 
 def _kind(name: str, family: dict) -> str:
@@ -410,9 +422,7 @@ def main():
         f"This model {verdict}: {candidates[chosen]['gap']:.2f} points below its baseline, "
         f"{candidates[chosen]['gap_best']:.2f} below the most accurate ResNet-38 of any budget. Top-1 on the first "
         f'1,000 test images: {first_1000:.2f} %.' + _siblings_sentence(candidates, chosen), '',
-        '## Reproduce', '', '```bash',
-        *[f'{_alpha_env(chosen)}CIFAR10_DIR=../shared/data/cifar10/plain bash examples/cifar10_skipnet38.sh {stage}'
-          for stage in _recipe_stages(chosen, candidates[chosen]['family']['backbone'])],
+        '## Reproduce', '', '```bash', *_reproduce_commands(chosen, candidates[chosen]['family']['backbone']),
         '.venv/bin/python examples/cifar10_report.py', '```', '',
         f"Training chain: {' <- '.join(chain)}"
         + (f" (the last stage distilled from {_run_name(cfg['distill_from'])}"

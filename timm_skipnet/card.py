@@ -46,8 +46,11 @@ def write_model_card(folder: str, eval_summary: Optional[Dict] = None, train_con
               'https://arxiv.org/abs/1711.09485', f'- **Dataset:** {dataset}', '',
               '## Model Usage', '', '```python', '# pip install timm-skipnet', 'import timm_skipnet  # registers the '
               'SkipNet architectures with timm', 'import timm, torch', '',
-              f'model = timm.create_model("hf-hub:{name}", pretrained=True).eval()' if '/' in name else
-              f'model = timm.create_model("local-dir:/path/to/{name}", pretrained=True).eval()',
+              *([f'model = timm.create_model("hf-hub:{name}", pretrained=True).eval()',
+                 '# offline, from a local copy of these files (e.g. hub_configs/ in the timm-skipnet repository):',
+                 f'# model = timm.create_model("local-dir:/path/to/{name.split("/")[-1]}", pretrained=True).eval()']
+                if '/' in name else
+                [f'model = timm.create_model("local-dir:/path/to/{name}", pretrained=True).eval()']),
               'cfg = timm.data.resolve_model_data_config(model)',
               'transform = timm.data.create_transform(**cfg, is_training=False)',
               'logits = model(transform(img).unsqueeze(0))  # img: a PIL image',
@@ -70,7 +73,7 @@ def write_model_card(folder: str, eval_summary: Optional[Dict] = None, train_con
     lines += ['## Limitations', '',
               '- Needs `import timm_skipnet` before `timm.create_model`; the Hub widget cannot run it.',
               '- Real skipping runs blocks on sub-batches: wall-clock gains depend on batch size and hardware '
-              '(see the project README benchmark); under `torch.compile` use `execution="dense"`.',
+              '(see the project\'s docs/performance.md); under `torch.compile` use `execution="dense"`.',
               '- Accuracy and compute are measured on the stated test split only.', '',
               '## Citation', '', '```bibtex', CITATION, '```', '']
     path = os.path.join(folder, 'README.md')
