@@ -2,10 +2,8 @@
 # CIFAR-10 on one GPU inside a wall-clock budget (DEADLINE: epoch seconds; default now + BUDGET_S):
 #   bench   GPU timings: synthetic per-image gates (timm-skipnet bench: SkipNet-38/110 at 32 px, SkipNet-101 at
 #           224 px, training steps) and the published SkipNet-38 on the 10,000 test images (fp32 and bf16)
-#   r38     examples/cifar10_skipnet38.sh R38_STAGE, one process per alpha in R38_ALPHAS, in the background:
-#           long2_rlswa (default; needs $RUNS/c10_r38_long2 and $RUNS/c10_r38_long2_swa) or dp_all (needs the
-#           finished $RUNS/c10_r38_dp, c10_r38_dp_swa and c10_r38_dp_swa25: with two alphas, both processes would
-#           train those shared runs into the same folders; R38_ALPHAS="0.7 0.68" there)
+#   r38     the rl and ft steps of examples/cifar10_skipnet38.sh (R38_STEPS), one process per alpha in R38_ALPHAS,
+#           in the background; they need the finished $RUNS/c10_r38_dp (backbone) and c10_r38_dp_swa (teacher)
 #   r110    SkipNet-110 sized to what is left of the budget: a gates-open trunk of E1 epochs, then side by side its
 #           same-budget ResNet-110 (gates open, E2 more epochs) and rl for each alpha in R110_ALPHAS (E2 epochs).
 #           E1 and E2 come from a 40-update probe of the trunk's throughput under the load of the r38 runs, and
@@ -47,10 +45,10 @@ bench() {
 }
 
 r38() {
-  for alpha in ${R38_ALPHAS:-0.66 0.67}; do
-    LONG2_ALPHAS=$alpha DP_ALPHAS=$alpha CIFAR10_DIR="$DATA" RUNS="$RUNS" PYTHON="$PY" \
-      TRAIN_EXTRA="--workers ${R38_WORKERS:-3}" timeout "$(left)" \
-      bash examples/cifar10_skipnet38.sh "${R38_STAGE:-long2_rlswa}" > "$RUNS/r38_a$alpha.log" 2>&1 &
+  for alpha in ${R38_ALPHAS:-0.68 0.72}; do
+    # shellcheck disable=SC2086
+    ALPHA=$alpha CIFAR10_DIR="$DATA" RUNS="$RUNS" PYTHON="$PY" TRAIN_EXTRA="--workers ${R38_WORKERS:-3}" \
+      timeout "$(left)" bash examples/cifar10_skipnet38.sh ${R38_STEPS:-rl ft} > "$RUNS/r38_a$alpha.log" 2>&1 &
   done
 }
 
