@@ -304,6 +304,23 @@ def test_dense_training_updates_the_projection_shortcut_batchnorm_once_per_step(
     torch.testing.assert_close(bn.running_mean, expected)
 
 
+def test_dense_training_with_gradient_checkpointing_counts_the_projection_once_and_backpropagates_the_same():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(1)
+        model = timm.create_model('skipnet_resnet38_cifar', num_classes=10)
+        model.set_grad_checkpointing(ckpt)
+        model.set_execution('dense')
+        model.train()
+        out = model(x, gate_policy='straight_through')
+        assert int(model.layer2[0].downsample[1].num_batches_tracked) == 1
+        out.sum().backward()  # the recompute must see the same tensors as the forward
+        grads.append(model.layer2[0].downsample[0].weight.grad)
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 @pytest.mark.parametrize('where', ['gates_forward_hook', 'gates_forward_pre_hook', 'global_forward_pre_hook'])
 def test_the_in_place_scatter_never_overwrites_a_tensor_a_hook_kept(where):
     from torch.nn.modules.module import register_module_forward_pre_hook

@@ -175,6 +175,8 @@ def check_label(value, row: int, num_classes: Optional[int], column: str, split:
     """The class index of one row; :class:`LabelError` naming the split, column, row and value when it has none."""
     if value is None:
         problem = 'is null'
+    elif isinstance(value, float) and value != value:
+        problem = 'is NaN'
     else:
         label = int(value)  # not a number at all raises: counted with the undecodable rows (a wrong column)
         if label != value and not isinstance(value, str):

@@ -388,8 +388,13 @@ def _load_ema(ema, ckpt: str) -> None:
         return
     if not os.path.exists(path):
         raise ValueError(f'{ckpt} has no {EMA_FILE}: it was trained without --model-ema, resume it without.')
+    from safetensors import SafetensorError
     from safetensors.torch import load_model
-    load_model(ema.module, path, device=str(next(ema.module.parameters()).device))
+    try:
+        load_model(ema.module, path, device=str(next(ema.module.parameters()).device))
+    except SafetensorError as e:
+        raise ValueError(f'{path} is not a readable safetensors file ({e}): it is truncated or corrupt; resume from '
+                         f'an earlier checkpoint.') from e
 
 
 # ---- the run -------------------------------------------------------------------------------------------------------
