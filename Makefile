@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 CIFAR_DIR ?= $(or $(CIFAR10_DIR),$(abspath ../shared/data/cifar10/plain))
 
-.PHONY: venv test lint demo bench clean
+.PHONY: venv test test-fast lint demo bench clean
 
 $(BIN)/timm-skipnet: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,13 @@ venv: $(BIN)/timm-skipnet
 lint: venv
 	$(BIN)/ruff check timm_skipnet tests examples
 
+# Everything (what CI runs); --durations names the slowest tests. test-fast leaves out the tests marked slow
+# (whole-split evaluation, training runs, subprocesses) for the edit-test loop.
 test: venv lint
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15 tests
+
+test-fast: venv lint
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" tests
 
 # The main job: a short base -> sp -> rl run of SkipNet-38 on CIFAR-10, ending with the evaluation table.
 demo: venv

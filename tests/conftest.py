@@ -1,4 +1,10 @@
-"""Every test runs offline with a private Hugging Face home, and sees the SkipNet models registered."""
+"""Every test runs offline with a private Hugging Face home, on the CPU, and sees the SkipNet models registered.
+
+The CPU, also on a machine with a GPU: several tests train twice and compare the weights bit for bit, or re-check a
+command's result with exact tolerances, which needs deterministic kernels the trainer does not switch on. Hiding
+the GPU before torch is imported (here, and in every subprocess a test starts, which inherits the environment) keeps
+the suite's results the same on every host.
+"""
 import os
 import tempfile
 
@@ -8,6 +14,8 @@ os.environ['HF_HUB_CACHE'] = os.path.join(_HF_HOME, 'hub')
 os.environ['HF_HUB_OFFLINE'] = '1'
 os.environ['HF_DATASETS_OFFLINE'] = '1'
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
+os.environ['CUDA_VISIBLE_DEVICES'] = ''
+os.environ['ACCELERATE_USE_CPU'] = 'true'
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -15,13 +23,32 @@ import torch  # noqa: E402
 import timm_skipnet  # noqa: E402,F401  -- registers the models at collection time
 
 CIFAR10_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data', 'cifar10', 'plain'))
+SLICE_ROWS = 1000
+
+
+def _require_cifar10() -> str:
+    if not os.path.isdir(CIFAR10_DIR):
+        pytest.fail(f'CIFAR-10 Parquet folder not found at {CIFAR10_DIR} (the project expects ../shared beside it).')
+    return CIFAR10_DIR
 
 
 @pytest.fixture
 def cifar10_dir():
-    if not os.path.isdir(CIFAR10_DIR):
-        pytest.fail(f'CIFAR-10 Parquet folder not found at {CIFAR10_DIR} (the project expects ../shared beside it).')
-    return CIFAR10_DIR
+    return _require_cifar10()
+
+
+@pytest.fixture(scope='session')
+def cifar10_slice(tmp_path_factory):
+    """The first 1,000 rows of each CIFAR-10 split in the same layout (``train-*.parquet``, ``test-*.parquet``, the
+    Hub's class names in the schema): for tests that read a whole split, e.g. a uniform sample of it."""
+    import pyarrow.parquet as pq
+    src = _require_cifar10()
+    out = tmp_path_factory.mktemp('cifar10_slice')
+    for split in ('train', 'test'):
+        first = sorted(f for f in os.listdir(src) if f.startswith(f'{split}-') and f.endswith('.parquet'))[0]
+        table = pq.read_table(os.path.join(src, first)).slice(0, SLICE_ROWS)
+        pq.write_table(table, out / f'{split}-00000-of-00001.parquet')
+    return str(out)
 
 
 if os.environ.get('SKIPNET_TEST_THREADS'):  # e.g. 1 while a training run shares the CPU
