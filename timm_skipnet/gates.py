@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .folded_gates import FoldedCache, FoldedFeedForwardGates, FoldedRecurrentGates
+
 GateState = Optional[Tuple[torch.Tensor, torch.Tensor]]
 
 GATE_TYPES = ('rnn', 'ff1', 'ff2')
@@ -32,6 +34,7 @@ class RecurrentGates(nn.Module):
         self.embed = nn.ModuleList([nn.Linear(c, embed_dim, **dd) for c in in_chs])
         self.lstm = nn.LSTMCell(embed_dim, hidden_dim, **dd)
         self.head = nn.Linear(hidden_dim, 1, **dd)
+        self._folded = FoldedCache(FoldedRecurrentGates)
         self.init_weights(init_bias)
 
     @property
@@ -58,6 +61,14 @@ class RecurrentGates(nn.Module):
     def init_state(self, x: torch.Tensor) -> GateState:
         h = x.new_zeros(x.shape[0], self.hidden_dim)
         return h, h.clone()
+
+    def folded(self) -> FoldedRecurrentGates:
+        """The inference form (projection folded into the LSTM, one fused cell); rebuilt after any weight change."""
+        return self._folded.get(self)
+
+    def train(self, mode: bool = True):
+        self._folded.clear()
+        return super().train(mode)
 
     def forward(self, index: int, x: torch.Tensor, state: GateState) -> Tuple[torch.Tensor, GateState]:
         e = self.embed[index](x.mean((2, 3)))
@@ -105,6 +116,7 @@ class FeedForwardGates(nn.Module):
     def __init__(self, in_chs: List[int], variant: str = 'ff1', init_bias: float = 3.0, device=None, dtype=None):
         super().__init__()
         self.gates = nn.ModuleList([FeedForwardGate(c, variant, device=device, dtype=dtype) for c in in_chs])
+        self._folded = FoldedCache(FoldedFeedForwardGates)
         self.init_weights(init_bias)
 
     @property
@@ -130,6 +142,14 @@ class FeedForwardGates(nn.Module):
 
     def init_state(self, x: torch.Tensor) -> GateState:
         return None
+
+    def folded(self) -> FoldedFeedForwardGates:
+        """The inference form (BatchNorm folded into the convolutions); rebuilt after any weight change."""
+        return self._folded.get(self)
+
+    def train(self, mode: bool = True):
+        self._folded.clear()
+        return super().train(mode)
 
     def forward(self, index: int, x: torch.Tensor, state: GateState) -> Tuple[torch.Tensor, GateState]:
         return self.gates[index](x), state

@@ -119,6 +119,8 @@ def convert_original_state_dict(state_dict: dict[str, torch.Tensor], model) -> d
     for k in [k for k in out if k.endswith('.running_mean')]:  # BN buffers added in PyTorch 0.4.1
         out.setdefault(k[:-len('running_mean')] + 'num_batches_tracked', torch.tensor(0, dtype=torch.long))
     out.setdefault('gate_threshold_logits', torch.zeros(model.num_gated_blocks))  # the original's p > 0.5 rule
+    for key in ('gate_capacity', 'gate_capacity_sigmas'):  # static execution: not calibrated (whole batch)
+        out.setdefault(key, model.state_dict()[key].detach().cpu().clone())
 
     own = model.state_dict()
     unexpected = [k for k in out if k not in own]

@@ -12,6 +12,7 @@ model class only replaces the trunk loop. Two execution modes:
 * ``sparse``: a block runs only on the images whose gate is open (gather, run, scatter into the shortcut); at batch
   1 a plain branch. The inference default; identical outputs to ``dense`` in eval mode.
 """
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -25,11 +26,13 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch.utils.checkpoint import checkpoint
 
 from .gates import create_gates
-from .policy import POLICIES, decide
+from .policy import POLICIES, THRESHOLD_LOGIT_LIMIT, GateDecision, bernoulli_log_prob, decide
 
 __all__ = ['SkipNetResNet', 'SkipNetTrace', 'convert_to_skipnet', 'checkpoint_filter_fn', 'EXECUTION_MODES']
 
-EXECUTION_MODES = ('auto', 'dense', 'sparse')
+EXECUTION_MODES = ('auto', 'dense', 'sparse', 'static')
+CAPACITY_OVERFLOW = ('exact', 'shortcut')
+DEFAULT_CAPACITY_SIGMAS = 2.0
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)  # the original SkipNet CIFAR normalisation
 CIFAR_STD = (0.2023, 0.1994, 0.2010)
 
@@ -49,9 +52,77 @@ class SkipNetTrace:
         return 1 + self.actions.sum(1)
 
 
+def _is_tracing() -> bool:
+    """Compiling, exporting or scripting: no host reads, no data-dependent shapes."""
+    return torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing()
+
+
 def _shortcut(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """What a skipped block outputs: its own projection shortcut (no ReLU), or the identity."""
     return x if block.downsample is None else block.downsample(x)
+
+
+def _shortcut_copy(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The shortcut as a new tensor (a ``torch.cond`` branch may not return its input)."""
+    return x.clone() if block.downsample is None else block.downsample(x)
+
+
+class _Given(nn.Module):
+    """Stands in for a block's ``downsample`` during one call, returning the projection already computed."""
+
+    def __init__(self, value: torch.Tensor):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.value
+
+
+def _run_given_shortcut(block: nn.Module, x: torch.Tensor, short: torch.Tensor) -> torch.Tensor:
+    downsample = block.downsample
+    block.downsample = _Given(short)
+    try:
+        return block(x)
+    finally:
+        block.downsample = downsample
+
+
+def _block_and_shortcut(block: nn.Module, x: torch.Tensor,
+                        use_ckpt: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The block's output and its shortcut, with a projection shortcut computed once: run twice, its BatchNorm
+    would update its running statistics twice per step (momentum 0.19 instead of 0.1) and cost twice. Under
+    gradient checkpointing the recomputation reuses the same projection."""
+    if block.downsample is None:
+        return (checkpoint(block, x, use_reentrant=False) if use_ckpt else block(x)), x
+    short = block.downsample(x)
+    y = (checkpoint(_run_given_shortcut, block, x, short, use_reentrant=False) if use_ckpt
+         else _run_given_shortcut(block, x, short))
+    return y, short
+
+
+def _mix(run: torch.Tensor, y: torch.Tensor, short: torch.Tensor) -> torch.Tensor:
+    return torch.where(run.view(-1, 1, 1, 1), y, short)
+
+
+def _greedy_margin(logits: torch.Tensor, threshold_logit: torch.Tensor) -> torch.Tensor:
+    """logit - threshold in float32 (> 0 iff the block runs); a threshold forced to 1 (0) closes (opens) the gate
+    whatever the logit, +inf from an fp16 overflow included; a NaN logit never runs a block."""
+    margin = logits.float() - threshold_logit
+    margin = torch.where(threshold_logit >= THRESHOLD_LOGIT_LIMIT, -torch.inf, margin)
+    margin = torch.where(threshold_logit <= -THRESHOLD_LOGIT_LIMIT, torch.inf, margin)
+    return torch.where(margin.isnan(), -torch.inf, margin)
+
+
+def _run_capacity(block: nn.Module, x: torch.Tensor, run: torch.Tensor, margin: torch.Tensor,
+                  cap: int) -> torch.Tensor:
+    """The block on a fixed-size sub-batch: the ``cap`` images with the highest margins (every running image when
+    at most ``cap`` run); the rest, and the non-running images among the ``cap``, take the shortcut."""
+    if cap == 0:
+        return _shortcut_copy(block, x)
+    idx = torch.topk(margin, cap, sorted=False).indices
+    xs = x.index_select(0, idx)
+    ys = _mix(run.index_select(0, idx), block(xs), _shortcut(block, xs))
+    return _shortcut(block, x).index_copy(0, idx, ys)
 
 
 def _run_sparse(block: nn.Module, x: torch.Tensor, run: torch.Tensor, reuse_input: bool = False) -> torch.Tensor:
@@ -75,9 +146,6 @@ def _run_sparse(block: nn.Module, x: torch.Tensor, run: torch.Tensor, reuse_inpu
     return out.index_copy_(0, idx_run, y_run).index_copy_(0, idx_skip, y_skip)
 
 
-# logit(0) / logit(1) as finite numbers: every finite gate logit is above / below them, and unlike +-inf they survive
-# weight averaging (EMA / SWA lerp of inf and inf is NaN, and logit > NaN is never true)
-THRESHOLD_LOGIT_LIMIT = 1e30
 
 
 def _threshold_logits(probabilities: torch.Tensor) -> torch.Tensor:
@@ -142,6 +210,15 @@ class SkipNetResNet(ResNet):
         # the greedy (inference) policy runs block k iff logit_k > gate_threshold_logits[k] (p_k > t_k); saved with
         # the weights. Logits, not probabilities: a threshold between two gate values near p = 1 stays representable
         self.register_buffer('gate_threshold_logits', torch.zeros(self.gates.num_gates, device=ref.device))
+        # static execution (the compiled path): per-gate execution rates that size each block's sub-batch, saved
+        # with the weights; 1.0 = the whole batch (exact, no saving) until calibrated
+        self.register_buffer('gate_capacity', torch.ones(self.gates.num_gates, device=ref.device))
+        self.register_buffer('gate_capacity_sigmas', torch.tensor(DEFAULT_CAPACITY_SIGMAS, device=ref.device))
+        self.register_buffer('gate_overflow', torch.zeros(self.gates.num_gates, dtype=torch.long, device=ref.device),
+                             persistent=False)
+        self.capacity_overflow = 'exact'
+        self._capacity_rates = [1.0] * self.gates.num_gates
+        self._capacity_sigmas = DEFAULT_CAPACITY_SIGMAS
 
     def _gate_in_chs(self) -> List[int]:
         """Input channels of every gated block (all but the first), from feature_info: no dummy forward."""
@@ -183,7 +260,17 @@ class SkipNetResNet(ResNet):
                 device = next((v.device for v in state_dict.values() if torch.is_tensor(v)), None)
                 state_dict[key] = (torch.zeros(self.gates.num_gates, device=device) if old is None
                                    else _threshold_logits(old).to(device))
+        if 'gate_capacity' in self._buffers:  # weights saved before static execution: no capacity calibrated
+            device = next((v.device for v in state_dict.values() if torch.is_tensor(v)), None)
+            state_dict.setdefault(prefix + 'gate_capacity', torch.ones(self.gates.num_gates, device=device))
+            state_dict.setdefault(prefix + 'gate_capacity_sigmas',
+                                  torch.tensor(DEFAULT_CAPACITY_SIGMAS, device=device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        rates, sigmas = state_dict.get(prefix + 'gate_capacity'), state_dict.get(prefix + 'gate_capacity_sigmas')
+        if rates is not None and not rates.is_meta and rates.shape == (self.gates.num_gates,):
+            self._capacity_rates = [float(v) for v in rates.tolist()]
+        if sigmas is not None and not sigmas.is_meta and sigmas.numel() == 1:
+            self._capacity_sigmas = float(sigmas)
 
     @property
     def gate_thresholds(self) -> torch.Tensor:
@@ -229,22 +316,28 @@ class SkipNetResNet(ResNet):
         execution = self.execution
         if execution == 'auto':
             tracing = torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing()
-            execution = 'dense' if (self.training or tracing or policy == 'straight_through') else 'sparse'
-        elif execution == 'sparse':
+            if self.training or policy == 'straight_through':
+                execution = 'dense'
+            elif tracing:  # static shapes and no host reads: skipping survives torch.compile(fullgraph=True)
+                execution = 'static' if torch.compiler.is_compiling() else 'dense'
+            else:
+                execution = 'sparse'
+        elif execution in ('sparse', 'static'):
             if self.training:
                 raise RuntimeError(
-                    "execution='sparse' runs blocks on sub-batches, which changes BatchNorm statistics and leaves "
-                    "parameters unused: use it in eval mode only (model.eval()), or set_execution('dense') to train.")
+                    f"execution={execution!r} runs blocks on sub-batches, which changes BatchNorm statistics and "
+                    "leaves parameters unused: use it in eval mode only (model.eval()), or set_execution('dense') to "
+                    "train.")
             if policy == 'straight_through':
                 raise RuntimeError("The straight-through gradient needs every block's output: use execution='dense'.")
         return policy, execution
 
     def _has_forward_hooks(self) -> bool:
-        """A forward hook may keep a block's output, which the in-place scatter would later overwrite."""
+        """A hook may keep a block's or a gate's input or output, which the in-place scatter would later overwrite."""
         from torch.nn.modules import module as torch_module
-        if torch_module._global_forward_hooks:
+        if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
             return True
-        return any(m._forward_hooks for name in self.stage_names for m in getattr(self, name).modules())
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.modules())
 
     # ---- forward -------------------------------------------------------------------------------------------------
     def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
@@ -260,17 +353,25 @@ class SkipNetResNet(ResNet):
     ) -> Tuple[torch.Tensor, List[torch.Tensor], Optional[Tuple[torch.Tensor, ...]]]:
         """Stem and gated blocks. Returns features, the requested taps and, with ``with_trace``, the gate record."""
         policy, execution = self._resolve(policy)
+        if policy == 'greedy' and not with_trace and take_indices is None and stop_index is None:
+            if execution == 'sparse':
+                return self._forward_greedy_sparse(x), [], None
+            if execution == 'static':
+                return self._forward_greedy_static(x), [], None
         use_gates = policy != 'open' or with_trace
         use_ckpt = self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting()
         # every gated block's input is a temporary of this loop (block 0 always runs): scattering into it in place
         # is safe without autograd unless a tap (forward_intermediates) holds it
         in_place_unsafe = torch.is_grad_enabled() or take_indices is not None or self._has_forward_hooks()
+        # the folded gates compute the same logits from fewer ops wherever nothing needs the gates' graph
+        gates = self.gates.folded() if (policy == 'greedy' and not with_trace and not self.training
+                                        and not _is_tracing()) else self.gates
         taps: List[torch.Tensor] = []
         x = self._forward_stem(x)
         if take_indices is not None and 0 in take_indices:
             taps.append(x)
         x = self.maxpool(x)
-        state = self.gates.init_state(x) if use_gates else None
+        state = gates.init_state(x) if use_gates else None
         thr = self.gate_threshold_logits if policy == 'greedy' else None  # 0 = the p > 0.5 rule
         probs, actions, log_probs, gate_logits = [], [], [], []
         k = 0
@@ -279,32 +380,31 @@ class SkipNetResNet(ResNet):
             for block in getattr(self, name):
                 if k == 0 or not use_gates:
                     x = checkpoint(block, x, use_reentrant=False) if use_ckpt else block(x)
+                    k += 1
+                    continue
+                logits, state = gates(k - 1, x, state)
+                if policy == 'greedy':
+                    action = (_greedy_margin(logits, thr[k - 1]) > 0).to(logits.dtype)
+                    d = GateDecision(gate=action, action=action, prob=torch.sigmoid(logits),
+                                     log_prob=bernoulli_log_prob(logits, action))
                 else:
-                    logits, state = self.gates(k - 1, x, state)
-                    if policy == 'greedy' and not with_trace and execution == 'sparse':
-                        # the inference hot path: one comparison per gate (p > 0.5 iff logit > 0), nothing else
-                        run = logits.float() > thr[k - 1]  # float32: a bf16 compare would round the threshold
-                        if x.shape[0] == 1:
-                            x = block(x) if run.item() else _shortcut(block, x)
-                        else:
-                            x = _run_sparse(block, x, run, reuse_input=not in_place_unsafe)
-                        k += 1
-                        continue
-                    d = decide(logits, policy, thr[k - 1] if thr is not None else 0.0)
-                    if with_trace:
-                        probs.append(d.prob)
-                        actions.append(d.action)
-                        log_probs.append(d.log_prob)
-                        gate_logits.append(logits)
-                    if execution == 'sparse':
-                        x = _run_sparse(block, x, d.action > 0.5, reuse_input=not in_place_unsafe)
-                    else:
-                        y = checkpoint(block, x, use_reentrant=False) if use_ckpt else block(x)
-                        if policy == 'open':
-                            x = y
-                        else:
-                            # g * y + (1 - g) * shortcut in one fused kernel; exact for g in {0, 1}
-                            x = torch.lerp(_shortcut(block, x), y, d.gate.to(x.dtype).view(-1, 1, 1, 1))
+                    d = decide(logits, policy)
+                if with_trace:
+                    probs.append(d.prob)
+                    actions.append(d.action)
+                    log_probs.append(d.log_prob)
+                    gate_logits.append(logits)
+                if execution == 'sparse':
+                    x = _run_sparse(block, x, d.action > 0.5, reuse_input=not in_place_unsafe)
+                elif execution == 'static':
+                    x = self._run_static(block, x, d.action > 0.5, k - 1, _greedy_margin(logits, thr[k - 1])
+                                         if thr is not None else d.action - 0.5)
+                elif policy == 'open':
+                    x = checkpoint(block, x, use_reentrant=False) if use_ckpt else block(x)
+                else:
+                    y, short = _block_and_shortcut(block, x, use_ckpt)
+                    # g * y + (1 - g) * shortcut in one fused kernel; exact for g in {0, 1}
+                    x = torch.lerp(short, y, d.gate.to(x.dtype).view(-1, 1, 1, 1))
                 k += 1
             if take_indices is not None and s + 1 in take_indices:
                 taps.append(x)
@@ -316,6 +416,132 @@ class SkipNetResNet(ResNet):
                 empty = x.new_zeros(x.shape[0], 0)
                 trace = (empty, empty, empty, empty)
         return x, taps, trace
+
+    # ---- inference paths -----------------------------------------------------------------------------------------
+    def _greedy_rules(self) -> List[Optional[bool]]:
+        """Per gate: None (decide by the logit), or the fixed decision of a threshold forced to 0 (True) or 1 (False).
+        Cached against the buffer's version, so a batch-1 call reads no tensor to know it."""
+        buf = self.gate_threshold_logits
+        key = (buf.data_ptr(), buf._version)
+        if getattr(self, '_rules_key', None) != key:
+            values = buf.tolist()
+            self._rules = [True if v <= -THRESHOLD_LOGIT_LIMIT else False if v >= THRESHOLD_LOGIT_LIMIT else None
+                           for v in values]
+            self._threshold_floats = values
+            self._rules_key = key
+        return self._rules
+
+    def _forward_greedy_sparse(self, x: torch.Tensor) -> torch.Tensor:
+        """The eager inference path: folded gates, and a skipped block costs only its shortcut. At batch 1 one host
+        read per gate; in a batch the running images are gathered, run and scattered back."""
+        gates = self.gates.folded()
+        rules = self._greedy_rules()
+        thr = self._threshold_floats
+        x = self.maxpool(self._forward_stem(x))
+        blocks = self.blocks()
+        x = blocks[0](x)
+        state = gates.init_state(x)
+        if x.shape[0] == 1:
+            for k, block in enumerate(blocks[1:]):
+                logit, state = gates(k, x, state)
+                run = rules[k]
+                if run is None:
+                    run = logit.item() > thr[k]  # float32 logit vs float32 threshold, compared exactly in Python
+                x = block(x) if run else _shortcut(block, x)
+            return x
+        reuse_input = not (torch.is_grad_enabled() or self._has_forward_hooks())
+        thr_t = self.gate_threshold_logits
+        for k, block in enumerate(blocks[1:]):
+            logits, state = gates(k, x, state)
+            run = rules[k]
+            if run is None:
+                run = logits.float() > thr_t[k]
+            elif run:
+                x = block(x)
+                continue
+            else:
+                x = _shortcut(block, x)
+                continue
+            x = _run_sparse(block, x, run, reuse_input=reuse_input)
+        return x
+
+    def _forward_greedy_static(self, x: torch.Tensor) -> torch.Tensor:
+        """The compiled / exported inference path: static shapes and no host reads, so ``torch.compile(
+        fullgraph=True)`` keeps the skipping. Batch 1: each block behind ``torch.cond``. Larger batches: each block on
+        a fixed-size sub-batch (its capacity, see :meth:`gate_capacity_for`), exact fallback on overflow."""
+        gates = self.gates if _is_tracing() or self.training else self.gates.folded()
+        x = self.maxpool(self._forward_stem(x))
+        blocks = self.blocks()
+        x = blocks[0](x)
+        state = gates.init_state(x)
+        thr = self.gate_threshold_logits
+        for k, block in enumerate(blocks[1:]):
+            logits, state = gates(k, x, state)
+            margin = _greedy_margin(logits, thr[k])
+            x = self._run_static(block, x, margin > 0, k, margin)
+        return x
+
+    def _run_static(self, block: nn.Module, x: torch.Tensor, run: torch.Tensor, k: int,
+                    margin: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        if batch == 1:
+            # one fixed layout for the branch operand: inductor's conv layout optimisation may otherwise hand the
+            # branch graphs a channels-last tensor they were not traced for (a stride assertion at run time)
+            xc = x.contiguous(memory_format=torch.channels_last)
+            return torch.cond(run[0], lambda t: block(t), lambda t: _shortcut_copy(block, t), (xc,))
+        cap = self.gate_capacity_for(k, batch)
+        if cap >= batch:
+            return _mix(run, block(x), _shortcut(block, x))
+        n_run = run.sum()
+        if self.capacity_overflow == 'shortcut':
+            # sync-free rule: running images beyond the capacity (the lowest margins) take the shortcut; counted
+            self.gate_overflow[k] += (n_run - cap).clamp(min=0)
+            return _run_capacity(block, x, run, margin, cap)
+        # exact: a batch in which more images run than the capacity runs the block on all of them; counted
+        self.gate_overflow[k] += (n_run > cap).to(self.gate_overflow.dtype)
+        return torch.cond(n_run > cap,
+                          lambda t, r, m: _mix(r, block(t), _shortcut(block, t)),
+                          lambda t, r, m: _run_capacity(block, t, r, m, cap),
+                          (x.contiguous(memory_format=torch.channels_last), run, margin))
+
+    # ---- capacity (static execution) ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_gate_capacity(self, rates: Union[float, List[float]], sigmas: Optional[float] = None,
+                          overflow: Optional[str] = None) -> None:
+        """Per-gate execution rates that size the static sub-batches (``execution='static'``, the compiled path).
+
+        In a batch of B images gate k runs its block on ``min(B, ceil(B r_k + sigmas * sqrt(B r_k (1 - r_k))))``
+        images: the expected count plus ``sigmas`` binomial standard deviations. ``overflow``: ``'exact'`` (a
+        batch in which more images run falls back to the whole batch for that block: results never change) or
+        ``'shortcut'`` (no fallback and no host read: the lowest-margin images beyond the capacity take the
+        shortcut). ``gate_overflow`` counts either event per gate. Calibrate with
+        :func:`timm_skipnet.capacity.calibrate_capacity`; 1.0 everywhere (the default) never skips in a batch."""
+        r = torch.tensor(rates, dtype=torch.float64)
+        if r.dim() == 0:
+            r = r.expand(self.gates.num_gates)
+        if r.shape != (self.gates.num_gates,) or not bool(((r >= 0) & (r <= 1)).all()):
+            raise ValueError(f'gate capacity rates must be one rate in [0, 1] or {self.gates.num_gates} of them (one '
+                             f'per gated block), got {rates!r}.')
+        if sigmas is not None and not sigmas >= 0:
+            raise ValueError(f'sigmas must be >= 0, got {sigmas!r}.')
+        if overflow is not None and overflow not in CAPACITY_OVERFLOW:
+            raise ValueError(f'overflow must be one of {CAPACITY_OVERFLOW}, got {overflow!r}.')
+        self.gate_capacity.copy_(r)
+        if sigmas is not None:
+            self.gate_capacity_sigmas.fill_(sigmas)
+        if overflow is not None:
+            self.capacity_overflow = overflow
+        self._sync_capacity()
+
+    def _sync_capacity(self) -> None:
+        """Python copies of the capacity buffers: a compiled graph specialises on them instead of reading tensors."""
+        self._capacity_rates = [float(v) for v in self.gate_capacity.tolist()]
+        self._capacity_sigmas = float(self.gate_capacity_sigmas)
+
+    def gate_capacity_for(self, k: int, batch: int) -> int:
+        """Images gate ``k`` runs its block on in a static batch of ``batch`` (see :meth:`set_gate_capacity`)."""
+        r = self._capacity_rates[k]
+        return min(batch, math.ceil(batch * r + self._capacity_sigmas * math.sqrt(batch * r * (1.0 - r)) - 1e-9))
 
     def forward_features(self, x: torch.Tensor, gate_policy: Optional[str] = None) -> torch.Tensor:
         return self._forward_trunk(x, gate_policy)[0]

@@ -1,0 +1,111 @@
+"""The gates' inference form: the same function as the trained gate banks, computed with fewer and larger ops.
+
+At batch 1 a gate costs what its ops cost to launch, not their arithmetic: the RNN gate's pooling, projection,
+LSTM cell and head are about a dozen dispatcher calls. In eval mode the gate banks hand the model a folded copy:
+
+* RNN gates: the per-block projection ``e = W_k p + b_k`` meets the LSTM's input weights with no non-linearity in
+  between, so ``W_ih e + b_ih = (W_ih W_k) p + (W_ih b_k + b_ih)``: one fused ``lstm_cell`` call takes the pooled
+  features directly. Products are formed in float64 and rounded once.
+* FF gates: each BatchNorm (running statistics) is folded into the convolution before it.
+
+The copy is rebuilt whenever a gate parameter or buffer changes (in-place updates bump tensor versions; moves
+change storage) and dropped when the model goes back to training. Logits agree with the unfolded gates to float
+rounding; decisions agree except for a logit within rounding of its threshold.
+"""
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+GateState = Optional[Tuple[torch.Tensor, torch.Tensor]]
+
+
+def _tensor_key(module: torch.nn.Module) -> Tuple:
+    tensors = list(module.parameters()) + list(module.buffers())
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+
+
+class FoldedCache:
+    """Holds one folded copy of a gate bank and rebuilds it when the bank's tensors changed."""
+
+    def __init__(self, build: Callable):
+        self.build = build
+        self.key: Optional[Tuple] = None
+        self.value = None
+
+    def get(self, bank: torch.nn.Module):
+        key = _tensor_key(bank)
+        if key != self.key:
+            self.value, self.key = self.build(bank), key
+        return self.value
+
+    def clear(self) -> None:
+        self.value = self.key = None
+
+    def __deepcopy__(self, memo):  # a copied model folds its own weights
+        return FoldedCache(self.build)
+
+
+class FoldedRecurrentGates:
+    """RecurrentGates with every projection folded into the LSTM input weights."""
+
+    @torch.no_grad()
+    def __init__(self, bank):
+        lstm = bank.lstm
+        dtype = lstm.weight_ih.dtype
+        w_ih = lstm.weight_ih.double()
+        bias = lstm.bias_ih.double() + lstm.bias_hh.double()
+        self.w_in: List[torch.Tensor] = [(w_ih @ e.weight.double()).to(dtype) for e in bank.embed]
+        self.b_in: List[torch.Tensor] = [(w_ih @ e.bias.double() + bias).to(dtype) for e in bank.embed]
+        self.w_hh = lstm.weight_hh.detach().clone()
+        self.head_w = bank.head.weight.detach().t().contiguous()  # (H, 1)
+        self.head_b = bank.head.bias.detach().clone()
+        self.hidden_dim = bank.hidden_dim
+        self.dtype = dtype
+
+    @property
+    def num_gates(self) -> int:
+        return len(self.w_in)
+
+    def init_state(self, x: torch.Tensor) -> GateState:
+        h = torch.zeros(x.shape[0], self.hidden_dim, device=x.device, dtype=self.dtype)
+        return h, h
+
+    def __call__(self, index: int, x: torch.Tensor, state: GateState) -> Tuple[torch.Tensor, GateState]:
+        # bf16 / fp16 activations are pooled with float32 accumulation, into the weights' dtype
+        pooled = x.mean((2, 3)) if x.dtype == self.dtype else x.mean((2, 3), dtype=self.dtype)
+        h, c = torch.lstm_cell(pooled, state, self.w_in[index], self.w_hh, self.b_in[index])
+        return torch.addmm(self.head_b, h, self.head_w).squeeze(1), (h, c)
+
+
+def _fold_bn(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
+    bias = bn.bias.double() - bn.running_mean.double() * scale
+    return weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)
+
+
+class FoldedFeedForwardGates:
+    """FeedForwardGates with BatchNorm folded into the convolutions."""
+
+    @torch.no_grad()
+    def __init__(self, bank):
+        self.layers = []
+        for g in bank.gates:
+            convs = [(g.conv1, g.bn1)] + ([(g.conv2, g.bn2)] if g.conv2 is not None else [])
+            folded = [(*_fold_bn(conv, bn), conv.stride, conv.padding) for conv, bn in convs]
+            self.layers.append((g.pool, folded, g.fc.weight.detach().clone(), g.fc.bias.detach().clone()))
+
+    @property
+    def num_gates(self) -> int:
+        return len(self.layers)
+
+    def init_state(self, x: torch.Tensor) -> GateState:
+        return None
+
+    def __call__(self, index: int, x: torch.Tensor, state: GateState) -> Tuple[torch.Tensor, GateState]:
+        pool, convs, fc_w, fc_b = self.layers[index]
+        x = pool(x)
+        for weight, bias, stride, padding in convs:
+            x = F.relu(F.conv2d(x, weight, bias, stride, padding))
+        return F.linear(x.mean((2, 3)), fc_w, fc_b).squeeze(1), state
