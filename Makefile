@@ -17,13 +17,17 @@ venv: $(BIN)/timm-skipnet
 lint: venv
 	$(BIN)/ruff check timm_skipnet tests examples
 
-# Everything (what CI runs); --durations names the slowest tests. test-fast leaves out the tests marked slow
+# Everything (what CI runs), in TEST_WORKERS pytest-xdist processes of one thread each (tests that share a module
+# result stay together: --dist loadgroup); --durations names the slowest. test-fast leaves out the tests marked slow
 # (whole-split evaluation, training runs, subprocesses) for the edit-test loop.
+TEST_WORKERS ?= 2
+PYTEST := HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+
 test: venv lint
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15 tests
+	$(PYTEST) --durations=15 tests
 
 test-fast: venv lint
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 # The main job: a short base -> sp -> rl run of SkipNet-38 on CIFAR-10, ending with the evaluation table.
 demo: venv

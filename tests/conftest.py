@@ -4,6 +4,11 @@ The CPU, also on a machine with a GPU: several tests train twice and compare the
 command's result with exact tolerances, which needs deterministic kernels the trainer does not switch on. Hiding
 the GPU before torch is imported (here, and in every subprocess a test starts, which inherits the environment) keeps
 the suite's results the same on every host.
+
+One intra-op thread per test process (SKIPNET_TEST_THREADS overrides; subprocesses inherit it through
+OMP_NUM_THREADS): the tensors here are small, so a second thread buys little, and on cores shared with other work
+two threads spin-wait for each other (a 16-image search took 51 s with two threads and 4 s with one on a busy 2-core
+machine). `make test` runs two such processes instead (pytest-xdist).
 """
 import os
 import tempfile
@@ -16,6 +21,8 @@ os.environ['HF_DATASETS_OFFLINE'] = '1'
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 os.environ['CUDA_VISIBLE_DEVICES'] = ''
 os.environ['ACCELERATE_USE_CPU'] = 'true'
+TEST_THREADS = int(os.environ.get('SKIPNET_TEST_THREADS', '1'))
+os.environ['OMP_NUM_THREADS'] = str(TEST_THREADS)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -51,8 +58,7 @@ def cifar10_slice(tmp_path_factory):
     return str(out)
 
 
-if os.environ.get('SKIPNET_TEST_THREADS'):  # e.g. 1 while a training run shares the CPU
-    torch.set_num_threads(int(os.environ['SKIPNET_TEST_THREADS']))
+torch.set_num_threads(TEST_THREADS)
 
 
 @pytest.fixture(autouse=True)

@@ -25,6 +25,8 @@ from timm_skipnet.analysis import (
 )
 from timm_skipnet.data import DataSpec, build_transforms, make_loader
 
+pytestmark = pytest.mark.xdist_group('analysis')  # the module's fixtures are computed once
+
 N_IMAGES = 96
 GRID = 8
 CIFAR10_NAMES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']

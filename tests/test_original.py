@@ -22,6 +22,8 @@ from timm_skipnet.original import (
     load_original_checkpoint,
 )
 
+pytestmark = pytest.mark.xdist_group('original')  # the module's fixtures are computed once
+
 # ---- minimal re-implementation of ucbdrive/skipnet (eval mode) ----------------------------------------------------
 
 

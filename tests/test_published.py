@@ -108,12 +108,14 @@ CLAIMING = [f for f in FOLDERS if _states_results(f)]
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group('published')  # one evaluation of the split for both
 @pytest.mark.parametrize('folder', CLAIMING, ids=os.path.basename)
 def test_the_weights_classify_exactly_the_stated_number_of_test_images_correctly(folder):
     check_accuracy(folder, _evaluation(folder))
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group('published')  # one evaluation of the split for both
 @pytest.mark.parametrize('folder', CLAIMING, ids=os.path.basename)
 def test_the_weights_cost_exactly_the_stated_macs_on_the_test_split(folder):
     check_macs(folder, _evaluation(folder))
