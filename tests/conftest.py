@@ -24,8 +24,15 @@ os.environ['ACCELERATE_USE_CPU'] = 'true'
 TEST_THREADS = int(os.environ.get('SKIPNET_TEST_THREADS', '1'))
 os.environ['OMP_NUM_THREADS'] = str(TEST_THREADS)
 
+import datasets  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# A shuffled stream of several Parquet files reads them in threads; `datasets` then sleeps 5 s whenever such a stream
+# is closed, so that pyarrow's reader threads end before a script that stops right after could exit (a hang at
+# interpreter exit, apache/arrow#45214). The trainer closes one per epoch, and the tests train many epochs of 64
+# images: in this long-lived process the wait cost minutes and protects nothing. Subprocesses keep it.
+datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
 
 import timm_skipnet  # noqa: E402,F401  -- registers the models at collection time
 
