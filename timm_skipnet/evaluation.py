@@ -1,4 +1,5 @@
-"""Accuracy and exact compute of a SkipNet over a dataset: top-1, MACs per image, per-gate execution rates."""
+"""Accuracy and exact compute of a SkipNet over a dataset: top-1, MACs per image, per-gate execution rates, how
+per-image the policy is, and (for a model trained to a budget) how far its MACs landed from the target."""
 from typing import Dict, Optional
 
 import torch
@@ -50,8 +51,31 @@ def _cat(tensors, empty_shape, dtype) -> torch.Tensor:
     return torch.cat(tensors) if tensors else torch.zeros(empty_shape, dtype=dtype)
 
 
-def summarize(results: Dict, table: MacTable) -> Dict:
-    """JSON-ready report: accuracy, MACs distribution, reduction, the paper's CP, per-gate execution rates."""
+def policy_diversity(actions: torch.Tensor) -> Dict:
+    """How per-image a policy is, from its (N, K) 0/1 decisions: the gates whose decision differs between images
+    (a gate every image runs, or every image skips, is static), the distinct execution paths over the N images, and
+    the share of images on the most common one. A policy whose gates all sit at p = 0 or 1 is a pruned ResNet:
+    one path, no gate varying."""
+    paths = actions.round().to(torch.uint8)
+    if paths.shape[0] == 0:
+        raise ValueError('policy_diversity needs at least one image.')
+    varying = paths.amin(0) != paths.amax(0)
+    _, counts = torch.unique(paths, dim=0, return_counts=True)
+    k = paths.shape[1]
+    return dict(varying_gates=int(varying.sum()), varying_gates_pct=100.0 * int(varying.sum()) / k if k else 0.0,
+                distinct_paths=int(counts.numel()), most_common_path_pct=100.0 * int(counts.max()) / paths.shape[0])
+
+
+def target_report(macs_mean: float, target_macs: float, full_macs: float) -> Dict:
+    """Where the mean landed against the budget a model was trained to: + above it, - below."""
+    return dict(target_macs=float(target_macs), target_macs_pct_of_full=100.0 * target_macs / full_macs,
+                macs_over_target_pct=100.0 * (macs_mean / target_macs - 1.0),
+                macs_over_target_points=100.0 * (macs_mean - target_macs) / full_macs)
+
+
+def summarize(results: Dict, table: MacTable, target_macs: Optional[float] = None) -> Dict:
+    """JSON-ready report: accuracy, MACs distribution, reduction, the paper's CP, per-gate execution rates, how
+    per-image the policy is; with ``target_macs`` (MACs per image) also the distance to that budget."""
     actions = results['actions']
     if actions.shape[0] == 0:
         raise RuntimeError(f"No image could be evaluated ({results.get('num_bad_images', 0)} undecodable): check the "
@@ -60,7 +84,7 @@ def summarize(results: Dict, table: MacTable) -> Dict:
     macs = table.per_image_macs(actions)
     executed = (1 + actions.sum(1)).long()
     q = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
-    return dict(
+    summary = dict(
         num_images=int(correct.numel()),
         num_bad_images=int(results.get('num_bad_images', 0)),
         top1=100.0 * correct.mean().item(),
@@ -80,12 +104,16 @@ def summarize(results: Dict, table: MacTable) -> Dict:
         gate_execution_rates=actions.mean(0).tolist(),
         num_blocks=table.num_blocks,
         input_size=list(table.input_size),
+        **policy_diversity(actions),
     )
+    if target_macs is not None:
+        summary.update(target_report(summary['macs_mean'], target_macs, table.full_macs))
+    return summary
 
 
 def format_summary(s: Dict) -> str:
     rates = ' '.join(f'{r:.2f}' for r in s['gate_execution_rates'])
-    return '\n'.join([
+    lines = [
         '| metric | value |', '|---|---:|',
         f"| images | {s['num_images']} (bad, skipped: {s['num_bad_images']}) |",
         f"| top-1 (%) | {s['top1']:.2f} |",
@@ -96,7 +124,18 @@ def format_summary(s: Dict) -> str:
         f"| paper's computation percentage (block count) | {s['computation_percentage']:.1f} % |",
         f"| executed blocks / image (of {s['num_blocks']}) | {s['executed_blocks_mean']:.2f} |",
         f'| per-gate execution rates | {rates} |',
-    ])
+    ]
+    if 'varying_gates' in s:
+        k = len(s['gate_execution_rates'])
+        lines += [f"| gates deciding per image (vary between images) | {s['varying_gates']} of {k} "
+                  f"({s['varying_gates_pct']:.0f} %) |",
+                  f"| distinct execution paths | {s['distinct_paths']} "
+                  f"(most common: {s['most_common_path_pct']:.1f} % of images) |"]
+    if 'target_macs' in s:
+        lines.append(f"| MACs / image vs trained target | {s['macs_mean'] / 1e6:.2f} M vs "
+                     f"{s['target_macs'] / 1e6:.2f} M ({s['target_macs_pct_of_full']:.1f} % of full): "
+                     f"{s['macs_over_target_pct']:+.1f} % ({s['macs_over_target_points']:+.1f} points of full) |")
+    return '\n'.join(lines)
 
 
 def main(args) -> Dict:
@@ -107,13 +146,36 @@ def main(args) -> Dict:
     from .accounting import measure_mac_table
     from .loading import model_and_eval_loader
     model, loader, _, split = model_and_eval_loader(args)
-    summary = summarize(collect(model, loader, progress=True), measure_mac_table(model))
+    table = measure_mac_table(model)
+    if getattr(args, 'target_macs', ''):
+        from .rewards import MacsBudget
+        target = MacsBudget.from_target(table, args.target_macs).target_macs
+    else:
+        target = recorded_target(args.model, args.checkpoint)
+    summary = summarize(collect(model, loader, progress=True), table, target_macs=target)
     summary.update(model=args.model, checkpoint=args.checkpoint or None, dataset=args.dataset, split=split)
     print(format_summary(summary))
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         atomic_write_text(args.output, json.dumps(summary, indent=2))
     return summary
+
+
+def recorded_target(model: str, checkpoint: str = '') -> Optional[float]:
+    """The MACs budget an exported folder was trained to (``eval_results.json``'s ``target_macs``, written by a
+    ``--target-macs`` run), or None: for ``local-dir:<folder>`` or a ``--checkpoint`` folder."""
+    import os
+
+    from .loading import read_json
+    folders = [model[len('local-dir:'):]] if model.startswith('local-dir:') else []
+    folders += [checkpoint] if checkpoint and os.path.isdir(checkpoint) else []
+    for folder in reversed(folders):  # weights loaded on top come from the checkpoint: its target wins
+        path = os.path.join(folder, 'eval_results.json')
+        if os.path.exists(path):
+            target = read_json(path).get('target_macs')
+            if target is not None:
+                return float(target)
+    return None
 
 
 def add_parser(sub) -> None:
@@ -132,4 +194,7 @@ def add_parser(sub) -> None:
     p.add_argument('--device', default='')
     p.add_argument('--workers', type=int, default=0)
     p.add_argument('--output', default='', help='write the summary JSON here')
+    p.add_argument('--target-macs', default='', help=(
+        "report the distance to this budget: a share of the full model's MACs (0.6 or 60%%) or MACs per image "
+        "(52.7M); default: the budget an exported folder was trained to (its eval_results.json), if any"))
     p.set_defaults(func=main)

@@ -7,7 +7,9 @@ gradient accumulation and clipping. Flags mirror timm's train.py; SkipNet's own 
 Stages (the paper's Sec. 3, arXiv:1711.09485; ft is ours):
   base  all gates open, cross-entropy: trains the backbone and is the same-recipe ResNet baseline.
   sp    hard gates with straight-through gradients, cross-entropy only.
-  rl    gates sampled from Bernoulli(p); loss = mean CE + rl_weight * sum_{b,k} -log pi(a_bk) * G_bk.
+  rl    gates sampled from Bernoulli(p); loss = mean CE + rl_weight * sum_{b,k} -log pi(a_bk) * G_bk. The return
+        rewards skipping (--alpha), or with --target-macs prices each image's exact MACs against a budget with a
+        Lagrange multiplier adapted by dual ascent (rewards.MacsBudget; docs/target_macs.md).
   ft    (after rl; not in the paper) the learned greedy policy, frozen; cross-entropy trains the backbone for the
         blocks each image really runs, so the network stops paying for the randomness rl sampled.
 
@@ -87,6 +89,17 @@ class TrainConfig:
     rl_warmup_epochs: float = field(default=0.0, metadata=dict(
         help='rl: epochs with the REINFORCE term off at the start; the gates keep their initial p (0.5 with '
              '--gate-init-bias 0) while the backbone learns to run with random blocks missing'))
+    target_macs: str = field(default='', metadata=dict(help=(
+        "rl: train to a compute budget instead of a skip reward (replaces --alpha). A share of the full model's "
+        "exact MACs (0.6 or 60%%) or MACs per image with a unit (52.7M, 0.0527G); each image pays lambda times its "
+        'sampled MACs above the budget (earns it below), and lambda follows dual ascent so that the mean lands on '
+        'the budget')))
+    macs_lambda_init: float = field(default=0.0, metadata=dict(help=(
+        'rl with --target-macs: the Lagrange multiplier lambda at the start, in nats of cross-entropy per full '
+        "model's MACs (a resumed run keeps its own)")))
+    macs_lambda_lr: float = field(default=0.05, metadata=dict(help=(
+        'rl with --target-macs: dual-ascent step, lambda <- max(0, lambda + lr * (batch mean MACs share - target '
+        'share)) after every update; 0 keeps lambda fixed')))
     distill_from: str = field(default='', metadata=dict(help=(
         'teacher weights (exported folder or .safetensors) of the same architecture, run as --distill-gates says; '
         'adds a distillation term to the cross-entropy')))
@@ -246,10 +259,11 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 def stage_loss(model, x, y, cfg: TrainConfig, ce_fn, rl_weight: Optional[float] = None,
-               teacher_logits: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+               teacher_logits: Optional[torch.Tensor] = None, budget=None) -> Dict[str, torch.Tensor]:
     """The objective of ``cfg.stage``; returns the loss and what to log. ``rl_weight`` overrides ``cfg.rl_weight``
     (0 during ``--rl-warmup-epochs``). With ``teacher_logits`` the mean CE term is replaced by
-    (1 - w) CE + w KD; the rl reward keeps the per-image CE."""
+    (1 - w) CE + w KD; the rl reward keeps the per-image CE. ``budget`` (a rewards.MacsBudget, needed with
+    ``--target-macs``) replaces the skip reward and adds ``macs_share``, the batch's mean sampled MACs / full MACs."""
     from .rewards import hybrid_rl_loss
     if cfg.stage == 'base':
         logits = model(x, gate_policy='open')
@@ -263,10 +277,17 @@ def stage_loss(model, x, y, cfg: TrainConfig, ce_fn, rl_weight: Optional[float] 
             loss = ce = ce_fn(logits, y).mean()
         else:
             rl_weight = cfg.rl_weight if rl_weight is None else rl_weight
-            loss, ce, rl = hybrid_rl_loss(logits, y, trace.actions, trace.log_probs, alpha=cfg.alpha, beta=cfg.beta,
+            if bool(cfg.target_macs) != (budget is not None):
+                raise ValueError('--target-macs and the budget passed to stage_loss go together: build it with '
+                                 'MacsBudget.from_target(table, cfg.target_macs), or pass neither.')
+            loss, ce, rl = hybrid_rl_loss(logits, y, trace.actions, trace.log_probs,
+                                          alpha=0.0 if budget is not None else cfg.alpha, beta=cfg.beta,
                                           gamma=cfg.gamma, rl_weight=rl_weight, baseline=cfg.rl_baseline,
-                                          ce_fn=ce_fn, probs=trace.probs, entropy_weight=cfg.rl_entropy)
+                                          ce_fn=ce_fn, probs=trace.probs, entropy_weight=cfg.rl_entropy,
+                                          budget=budget)
             out['rl'] = rl.detach()
+            if budget is not None:
+                out['macs_share'] = budget.image_macs(trace.actions).mean() / budget.full_macs
     if teacher_logits is not None:
         kd = distillation_loss(logits, teacher_logits, cfg.distill_temperature)
         loss = loss + cfg.distill_weight * (kd - ce)  # = (1 - w) CE + w KD (+ the rl term)
@@ -307,6 +328,26 @@ def check_numbers(cfg: TrainConfig) -> None:
     if cfg.alpha < 0:
         raise ValueError(f'--alpha is the reward for skipping a block and must be >= 0 (0: accuracy only), got '
                          f'{cfg.alpha}.')
+    check_target_macs(cfg)
+
+
+def check_target_macs(cfg: TrainConfig) -> None:
+    """``--target-macs`` and its multiplier's settings, refused before any work; the budget's range is checked
+    against the model's MAC table once it is measured (rewards.MacsBudget.from_target)."""
+    from .rewards import parse_target_macs
+    lam, lr = cfg.macs_lambda_init, cfg.macs_lambda_lr
+    if not (math.isfinite(lam) and math.isfinite(lr) and lam >= 0 and lr >= 0):
+        raise ValueError(f'--macs-lambda-init and --macs-lambda-lr must be finite and >= 0 (a negative price would '
+                         f'reward running blocks), got {cfg.macs_lambda_init} and {cfg.macs_lambda_lr}.')
+    if not cfg.target_macs:
+        return
+    if cfg.stage != 'rl':
+        raise ValueError(f'--target-macs trains the gates with REINFORCE: use it with --stage rl, not '
+                         f'--stage {cfg.stage}.')
+    if cfg.alpha != TrainConfig.alpha:
+        raise ValueError(f'--target-macs replaces the skip reward: drop --alpha {cfg.alpha} (the budget and its '
+                         f'multiplier set how much the gates skip).')
+    parse_target_macs(cfg.target_macs)
 
 
 # ---- weight averaging ----------------------------------------------------------------------------------------------
@@ -400,6 +441,8 @@ def _load_ema(ema, ckpt: str) -> None:
 # ---- the run -------------------------------------------------------------------------------------------------------
 # the settings that fix what an update and an epoch are: resuming with others would silently change the schedule
 SCHEDULE_KEYS = ('batch_size', 'grad_accum_steps', 'train_num_samples', 'epochs', 'steps', 'sched', 'lr')
+# the budget and its multiplier's step: a resumed run with others would chase another target with the old lambda
+BUDGET_KEYS = ('target_macs', 'macs_lambda_lr')
 
 
 # at a constant learning rate (--sched none) nothing depends on the run's length: a finished run may be extended
@@ -407,7 +450,8 @@ EXTENDABLE_KEYS = ('epochs', 'steps')
 
 
 def _check_same_schedule(saved: Dict[str, Any], cfg: 'TrainConfig', ckpt: str) -> None:
-    changed = {k: (saved[k], getattr(cfg, k)) for k in SCHEDULE_KEYS if k in saved and saved[k] != getattr(cfg, k)}
+    changed = {k: (saved[k], getattr(cfg, k)) for k in SCHEDULE_KEYS + BUDGET_KEYS
+               if k in saved and saved[k] != getattr(cfg, k)}
     if cfg.sched == 'none' and saved.get('sched') == 'none':
         changed = {k: v for k, v in changed.items() if k not in EXTENDABLE_KEYS}
     if changed:
@@ -425,6 +469,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     from .data import DataSpec, build_transforms, make_loader
     from .evaluation import collect, format_summary, summarize
     from .export import export_folder
+    from .rewards import MacsBudget, dual_ascent
 
     if cfg.stage not in STAGE_POLICY:
         raise ValueError(f"--stage must be one of {list(STAGE_POLICY)}, got {cfg.stage!r}.")
@@ -452,6 +497,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     if cfg.stage in FROZEN_GATE_STAGES:
         model.gates.requires_grad_(False)  # the backbone only; also keeps DDP free of unused params
     mac_table = measure_mac_table(model)
+    budget = MacsBudget.from_target(mac_table, cfg.target_macs, cfg.macs_lambda_init) if cfg.target_macs else None
     teacher = build_teacher(cfg, arch, model_args, accelerator.device)
     train_tf, eval_tf = build_transforms(model, True), build_transforms(model, False)
 
@@ -483,15 +529,21 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             raise ValueError(f"{ckpt} was trained on {saved['num_processes']} process(es), this run has {world}: "
                              f'resume with the same number (accelerate launch --num_processes).')
         global_step = saved['global_step']
+        _restore_multiplier(budget, saved, ckpt)
         _load_ema(ema, ckpt)
         log.info(f'resumed from {ckpt} at update {global_step}')
     accelerator.init_trackers('skipnet', config={k: str(v) for k, v in dataclasses.asdict(cfg).items()})
     log.info(f'{cfg.stage}: {arch} {model_args}, {world} process(es), {steps_per_epoch} updates/epoch, '
              f'{total_steps} updates, {mac_table.full_macs / 1e6:.1f} MMACs full')
+    if budget is not None:
+        log.info(f'budget: {budget.target_macs / 1e6:.2f} MMACs per image ({budget.target_share:.1%} of full), '
+                 f'multiplier {budget.multiplier:.4g}, dual step {cfg.macs_lambda_lr:g}')
 
     def save(final: bool = False, bn_updated: Optional[nn.Module] = None) -> str:
         state = dict(global_step=global_step, stage=cfg.stage, arch=arch, model_args=model_args,
                      config=dataclasses.asdict(cfg), num_processes=world, final=final, reproducible=reproducible)
+        if budget is not None:
+            state['macs_multiplier'] = budget.multiplier  # a JSON float round-trips exactly
         return save_checkpoint(accelerator, cfg.output, state, cfg.keep_checkpoints,
                                write_extra=None if ema is None else lambda d: _save_ema(ema, d, bn_updated))
 
@@ -499,8 +551,11 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         loader = make_loader(spec, spec.eval_split, eval_tf, cfg.batch_size, rank=accelerator.process_index,
                              world_size=world, limit=_per_rank(spec.eval_num_samples, world))
         summary = summarize(collect(net if net is not None else model, loader, accelerator,
-                                    progress=accelerator.is_local_main_process), mac_table)
+                                    progress=accelerator.is_local_main_process), mac_table,
+                            target_macs=None if budget is None else budget.target_macs)
         summary.update(stage=cfg.stage, global_step=global_step, model=arch, model_args=model_args)
+        if budget is not None:
+            summary['macs_lambda'] = budget.multiplier
         if accelerator.is_main_process:
             atomic_write_text(os.path.join(cfg.output, f'eval_{tag}.json'), json.dumps(summary, indent=2))
         log.info(f'eval ({tag}, update {global_step}):\n' + format_summary(summary))
@@ -531,6 +586,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                 break
             if scheduler is not None:
                 scheduler.step_update(global_step)
+            rl_on = global_step >= rl_warmup_steps
+            share_sum, share_n = 0.0, 0  # the update's sampled MACs shares, for the multiplier
             for _micro in range(cfg.grad_accum_steps):
                 x, y, n_bad = next(batches, (None, None, -1))
                 # every rank takes the same branch, or DDP's all-reduce would wait forever
@@ -551,7 +608,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                             with torch.no_grad():
                                 teacher_logits = teacher(x, gate_policy=cfg.distill_gates)
                         out = stage_loss(model, x, y, cfg, ce_fn, teacher_logits=teacher_logits,
-                                         rl_weight=0.0 if global_step < rl_warmup_steps else cfg.rl_weight)
+                                         rl_weight=cfg.rl_weight if rl_on else 0.0, budget=budget)
                     accelerator.backward(out['loss'])
                     if accelerator.sync_gradients and cfg.clip_grad:
                         accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad)
@@ -559,6 +616,13 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                     optimizer.zero_grad()
                 samples += x.shape[0]
                 window.append({k: v.item() for k, v in out.items()})
+                if budget is not None:
+                    share_sum, share_n = share_sum + window[-1]['macs_share'] * x.shape[0], share_n + x.shape[0]
+            if budget is not None and rl_on:  # the price holds still while --rl-warmup-epochs keeps REINFORCE off
+                mean_share = _global_mean(accelerator, share_sum, share_n)
+                if mean_share is not None:
+                    budget.multiplier = dual_ascent(budget.multiplier, mean_share, budget.target_share,
+                                                    cfg.macs_lambda_lr)
             global_step += 1
             if ema is not None:
                 ema.update(accelerator.unwrap_model(model), step=global_step)
@@ -568,7 +632,10 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                 metrics = {k: sum(w[k] for w in window) / len(window) for k in window[0]} if window else {}
                 metrics.update(lr=optimizer.param_groups[0]['lr'], img_per_s=samples * world / dt,
                                bad_images=bad_images, epoch=epoch)
-                bar.set_postfix({k: f'{v:.4g}' for k, v in metrics.items() if k in ('loss', 'exec_rate', 'lr')})
+                if budget is not None:  # macs_share: this rank's window mean; the multiplier after the update
+                    metrics.update(macs_lambda=budget.multiplier, macs_target=budget.target_share)
+                bar.set_postfix({k: f'{v:.4g}' for k, v in metrics.items()
+                                 if k in ('loss', 'exec_rate', 'lr', 'macs_share', 'macs_lambda')})
                 log.metrics(global_step, metrics)
                 accelerator.log({f'train/{k}': v for k, v in metrics.items()}, step=global_step)
                 samples, t0, window = 0, time.perf_counter(), []
@@ -646,6 +713,28 @@ def _ema_with_updated_bn(ema, cfg: TrainConfig, spec, transform, accelerator, ep
                 m.running_mean.copy_(accelerator.reduce(m.running_mean, reduction='mean'))
                 m.running_var.copy_(accelerator.reduce(m.running_var, reduction='mean'))
     return net.eval()
+
+
+def _restore_multiplier(budget, saved: Dict[str, Any], ckpt: str) -> None:
+    """Put the checkpoint's Lagrange multiplier back; a run cannot switch --target-macs on or off midway."""
+    had = saved.get('config', {}).get('target_macs') or ''
+    if budget is None:
+        if had or 'macs_multiplier' in saved:
+            raise ValueError(f'{ckpt} was trained with --target-macs {had}: resume it with the same --target-macs.')
+        return
+    if 'macs_multiplier' not in saved:
+        raise ValueError(f'{ckpt} was trained without --target-macs (no multiplier saved): resume it without, or '
+                         f'start a budget run from its weights with --initial-checkpoint.')
+    budget.multiplier = float(saved['macs_multiplier'])
+
+
+def _global_mean(accelerator, total: float, count: int) -> Optional[float]:
+    """sum / count over every process (float64), so all ranks step the multiplier alike; None without images."""
+    if accelerator.num_processes > 1:
+        t = accelerator.reduce(torch.tensor([total, float(count)], dtype=torch.float64, device=accelerator.device),
+                               reduction='sum')
+        total, count = t[0].item(), t[1].item()
+    return total / count if count else None
 
 
 def _any_rank(accelerator, flag: bool) -> bool:
