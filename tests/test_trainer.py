@@ -313,40 +313,83 @@ def test_yaml_config_sets_defaults_and_flags_override(tmp_path):
 
 
 _RANK_SCRIPT = '''
-import hashlib, json, os, sys
-from accelerate import Accelerator
-from timm_skipnet.data import DataSpec, make_loader
-from torchvision import transforms as T
-acc = Accelerator(cpu=True)
-loader = make_loader(DataSpec(sys.argv[1]), 'train', T.ToTensor(), 8, rank=acc.process_index,
-                     world_size=acc.num_processes, shuffle=True, seed=0, epoch=0, limit=64)
-hashes = [hashlib.sha1(x.numpy().tobytes()).hexdigest() for b, _, _ in loader for x in b]
-with open(os.path.join(sys.argv[2], f'rank{acc.process_index}.json'), 'w') as f:
-    json.dump(hashes, f)
+# One rank of a two-process training run: it trains through the trainer's own entry point and records the raw bytes
+# of every training image it decodes and its final weights, for the test to compare across ranks.
+import json, os, sys, zlib
+import accelerate, datasets
+from safetensors.torch import save_file
+import timm_skipnet.data as data
+from timm_skipnet.train import main
+datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0  # the run goes on (eval) long after its last shuffled stream
+out = sys.argv[1]
+split, seen, prepared = [None], [], []
+make_loader, decode_image, prepare = data.make_loader, data.decode_image, accelerate.Accelerator.prepare
+def recording_make_loader(spec, which, *args, **kwargs):
+    split[0] = which  # loaders are read right after they are made (no workers): the images decoded next are its
+    return make_loader(spec, which, *args, **kwargs)
+def recording_decode_image(value):
+    if split[0] == 'train':
+        seen.append(zlib.crc32(value['bytes']))
+    return decode_image(value)
+def recording_prepare(self, *args, **kwargs):
+    result = prepare(self, *args, **kwargs)
+    prepared.append((self, result))
+    return result
+data.make_loader, data.decode_image, accelerate.Accelerator.prepare = (recording_make_loader, recording_decode_image,
+                                                                       recording_prepare)
+main(sys.argv[2:] + ['--output', out])
+acc, (model, _) = prepared[0]
+rank = acc.process_index
+save_file({k: v.contiguous() for k, v in acc.unwrap_model(model).state_dict().items()},
+          os.path.join(out, f'rank{rank}.safetensors'))
+with open(os.path.join(out, f'rank{rank}.json'), 'w') as f:
+    json.dump(dict(seen=seen, world=acc.num_processes), f)
 '''
 
 
-def test_two_cpu_processes_train_and_see_disjoint_data(cifar10_dir, tmp_path):
+@pytest.mark.slow
+def test_two_cpu_processes_train_on_disjoint_images_end_identical_and_evaluate_as_one_process(cifar10_dir, tmp_path):
     # accelerate's `--cpu --num_processes 2` needs mpirun; on a machine without GPUs `--multi_gpu` starts two
     # torchrun processes that join a gloo group (DistributedType.MULTI_CPU)
+    from timm_skipnet.accounting import measure_mac_table
+    from timm_skipnet.data import DataSpec, build_transforms, make_loader
+    from timm_skipnet.evaluation import collect, summarize
     launch = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
               '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no']
-    env = dict(os.environ, OMP_NUM_THREADS='1')
-    script = tmp_path / 'ranks.py'
+    script = tmp_path / 'rank.py'
     script.write_text(_RANK_SCRIPT)
-    subprocess.run(launch + [str(script), cifar10_dir, str(tmp_path)], check=True, env=env, timeout=300)
-    r0 = json.loads((tmp_path / 'rank0.json').read_text())
-    r1 = json.loads((tmp_path / 'rank1.json').read_text())
-    assert len(r0) == len(r1) == 64 and not set(r0) & set(r1)
     out = tmp_path / 'run'
-    subprocess.run(launch + [os.path.join(ROOT, 'examples', 'finetune.py'), '--dataset', cifar10_dir, '--stage',
-                             'rl', '--steps', '2', '-b', '4', '--train-num-samples', '64', '--eval-num-samples',
-                             '16', '--output', str(out), '--log-every', '1', '--no-export', '--cpu'],
-                   check=True, env=env, timeout=300)
-    with open(out / 'eval_rl.json') as f:
-        assert json.load(f)['num_images'] == 16  # gathered over both ranks, no duplicates
+    flags = ['--dataset', cifar10_dir, '--stage', 'rl', '--steps', '2', '-b', '4', '--train-num-samples', '64',
+             '--eval-num-samples', '16', '--log-every', '1', '--no-export', '--cpu', '--seed', '3']
+    subprocess.run(launch + [str(script), str(out)] + flags, check=True, timeout=600)
+    ranks = [json.loads((out / f'rank{r}.json').read_text()) for r in (0, 1)]
+    assert [r['world'] for r in ranks] == [2, 2]
+    # 2 updates of 4 images per rank, each rank its own images: a shared shard would train on them twice
+    assert [len(r['seen']) for r in ranks] == [8, 8] and len(set(ranks[0]['seen']) | set(ranks[1]['seen'])) == 16
     rows = _logged(out)
     assert len(rows) == 2 and all(math.isfinite(r['loss']) for r in rows)
+    # the all-reduced updates leave both replicas with the same parameters, bit for bit, and the evaluation gives
+    # every rank rank 0's BatchNorm statistics (DDP leaves each rank those of its own last batch)
+    weights = [load_file(str(out / f'rank{r}.safetensors')) for r in (0, 1)]
+    model = timm.create_model('skipnet_resnet38_cifar', num_classes=10)
+    assert weights[0].keys() == weights[1].keys() == model.state_dict().keys()
+    assert any('running_mean' in k for k in weights[0])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    # the evaluation gathered over both ranks is the evaluation of the trained model in one process
+    with open(out / 'eval_rl.json') as f:
+        gathered = json.load(f)
+    model.load_state_dict(weights[0])
+    loader = make_loader(DataSpec(cifar10_dir), 'test', build_transforms(model, False), 4, limit=16)
+    single = json.loads(json.dumps(summarize(collect(model, loader), measure_mac_table(model))))
+    assert gathered['num_images'] == single['num_images'] == 16  # no image twice, none left out
+    for key in ('top1', 'executed_blocks_histogram', 'gate_execution_rates', 'macs_min', 'macs_max'):
+        assert gathered[key] == single[key], key
+    assert gathered['macs_mean'] == pytest.approx(single['macs_mean'], rel=1e-12)
+    # a multi-process checkpoint resumed by another number of processes is refused, before any update
+    AcceleratorState._reset_state(True)
+    with pytest.raises(ValueError, match=r'trained on 2 process\(es\), this run has 1'):
+        train(_cfg(cifar10_dir, out, stage='rl', steps=2, lr=0.1, batch_size=4, export=False, seed=3, resume=str(out)))
+    assert len(_logged(out)) == 2
 
 
 def test_a_stream_where_nothing_decodes_fails_with_the_columns_to_check(tmp_path, cifar10_dir):

@@ -548,6 +548,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                                write_extra=None if ema is None else lambda d: _save_ema(ema, d, bn_updated))
 
     def evaluate(tag: str, net=None) -> Dict[str, Any]:
+        _broadcast_buffers(accelerator, accelerator.unwrap_model(net if net is not None else model))
         loader = make_loader(spec, spec.eval_split, eval_tf, cfg.batch_size, rank=accelerator.process_index,
                              world_size=world, limit=_per_rank(spec.eval_num_samples, world))
         summary = summarize(collect(net if net is not None else model, loader, accelerator,
@@ -735,6 +736,16 @@ def _global_mean(accelerator, total: float, count: int) -> Optional[float]:
                                reduction='sum')
         total, count = t[0].item(), t[1].item()
     return total / count if count else None
+
+
+def _broadcast_buffers(accelerator, net: nn.Module) -> None:
+    """Rank 0's buffers on every rank. DDP sends them at the start of each training forward, so after the last one
+    every rank holds BatchNorm statistics of its own batches: a gathered evaluation would mix models, and rank 0's
+    (the one saved and exported) would not be the one evaluated on the other ranks' images."""
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+        for buffer in net.buffers():
+            dist.broadcast(buffer.data, src=0)
 
 
 def _any_rank(accelerator, flag: bool) -> bool:
