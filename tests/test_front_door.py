@@ -60,6 +60,9 @@ def test_the_default_tag_and_a_backbone_tag_name_their_own_repos():
     with pytest.raises(RuntimeError, match='timm-skipnet/skipnet_resnet38_cifar.cifar10'):
         with explain_missing_pretrained('skipnet_resnet38_cifar'):  # no tag: timm's default, the shipped one
             raise ConnectionError('no network')
+    with pytest.raises(RuntimeError, match='timm/resnet50.tv_in1k'):
+        with explain_missing_pretrained('resnet50.tv_in1k'):  # skipnet_from_timm's base_model, tag in the name
+            raise LocalEntryNotFoundError('offline')
     assert 'the Hugging Face Hub,' in missing_pretrained_message('skipnet_x', None)
 
 

@@ -50,6 +50,8 @@ def missing_pretrained_message(model_name: str, hf_hub_id: Optional[str]) -> str
 
 def _resolve(variant: str, pretrained_cfg: Any) -> Tuple[str, Optional[str]]:
     """(``arch.tag`` name, Hub repository) of what timm resolved for ``variant``; never raises."""
+    variant, _, tag = variant.partition('.')  # 'resnet50.tv_in1k' names its tag
+    pretrained_cfg = pretrained_cfg or tag or None
     try:
         from timm.models import resolve_pretrained_cfg
         if hasattr(pretrained_cfg, 'to_dict'):
@@ -66,7 +68,8 @@ def explain_missing_pretrained(variant: str, pretrained_cfg: Any = None) -> Iter
     :func:`missing_pretrained_message` (the original error chained as its cause).
 
     Args:
-        variant: the architecture name the entrypoint builds (``skipnet_resnet38_cifar``).
+        variant: the architecture name the entrypoint builds (``skipnet_resnet38_cifar``), or a timm name with its
+            tag (``resnet50.tv_in1k``, as ``skipnet_from_timm`` passes its ``base_model``).
         pretrained_cfg: what timm passed to the entrypoint as ``pretrained_cfg`` (a tag such as ``'cifar10'``, a
             dict, a PretrainedCfg or None for the default tag); names the resolved Hub repository.
     """
