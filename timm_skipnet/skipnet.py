@@ -100,6 +100,13 @@ def _block_and_shortcut(block: nn.Module, x: torch.Tensor,
     return y, short
 
 
+def _fixed_layout(x: torch.Tensor) -> torch.Tensor:
+    """Under compile, one memory layout for every ``torch.cond`` operand and branch output: inductor's conv layout
+    optimisation may otherwise hand a branch graph a channels-last tensor it was not traced for, and both branches
+    must return the same strides. Eager calls keep their layout."""
+    return x.contiguous(memory_format=torch.channels_last) if torch.compiler.is_compiling() else x
+
+
 def _mix(run: torch.Tensor, y: torch.Tensor, short: torch.Tensor) -> torch.Tensor:
     return torch.where(run.view(-1, 1, 1, 1), y, short)
 
@@ -483,12 +490,14 @@ class SkipNetResNet(ResNet):
 
     def _run_static(self, block: nn.Module, x: torch.Tensor, run: torch.Tensor, k: int,
                     margin: torch.Tensor) -> torch.Tensor:
+        # compiled: torch.cond keeps both branches in the graph; eager: a Python branch (one host read)
+        compiling = torch.compiler.is_compiling()
         batch = x.shape[0]
         if batch == 1:
-            # one fixed layout for the branch operand: inductor's conv layout optimisation may otherwise hand the
-            # branch graphs a channels-last tensor they were not traced for (a stride assertion at run time)
-            xc = x.contiguous(memory_format=torch.channels_last)
-            return torch.cond(run[0], lambda t: block(t), lambda t: _shortcut_copy(block, t), (xc,))
+            if not compiling:
+                return block(x) if bool(run[0]) else _shortcut(block, x)
+            return torch.cond(run[0], lambda t: _fixed_layout(block(t)),
+                              lambda t: _fixed_layout(_shortcut_copy(block, t)), (_fixed_layout(x),))
         cap = self.gate_capacity_for(k, batch)
         if cap >= batch:
             return _mix(run, block(x), _shortcut(block, x))
@@ -498,11 +507,15 @@ class SkipNetResNet(ResNet):
             self.gate_overflow[k] += (n_run - cap).clamp(min=0)
             return _run_capacity(block, x, run, margin, cap)
         # exact: a batch in which more images run than the capacity runs the block on all of them; counted
-        self.gate_overflow[k] += (n_run > cap).to(self.gate_overflow.dtype)
-        return torch.cond(n_run > cap,
-                          lambda t, r, m: _mix(r, block(t), _shortcut(block, t)),
-                          lambda t, r, m: _run_capacity(block, t, r, m, cap),
-                          (x.contiguous(memory_format=torch.channels_last), run, margin))
+        overflow = n_run > cap
+        self.gate_overflow[k] += overflow.to(self.gate_overflow.dtype)
+        if not compiling:
+            return _mix(run, block(x), _shortcut(block, x)) if bool(overflow) else _run_capacity(
+                block, x, run, margin, cap)
+        return torch.cond(overflow,
+                          lambda t, r, m: _fixed_layout(_mix(r, block(t), _shortcut(block, t))),
+                          lambda t, r, m: _fixed_layout(_run_capacity(block, t, r, m, cap)),
+                          (_fixed_layout(x), run, margin))
 
     # ---- capacity (static execution) ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -541,7 +554,9 @@ class SkipNetResNet(ResNet):
     def gate_capacity_for(self, k: int, batch: int) -> int:
         """Images gate ``k`` runs its block on in a static batch of ``batch`` (see :meth:`set_gate_capacity`)."""
         r = self._capacity_rates[k]
-        return min(batch, math.ceil(batch * r + self._capacity_sigmas * math.sqrt(batch * r * (1.0 - r)) - 1e-9))
+        expected = batch * r + self._capacity_sigmas * math.sqrt(batch * r * (1.0 - r))
+        # rates are stored in float32: a count that is whole up to that rounding is not rounded up
+        return min(batch, math.ceil(expected * (1.0 - 1e-6)))
 
     def forward_features(self, x: torch.Tensor, gate_policy: Optional[str] = None) -> torch.Tensor:
         return self._forward_trunk(x, gate_policy)[0]

@@ -1,0 +1,227 @@
+"""The fast inference paths compute what the model defines: folded gates, the batch-1 path, static execution with
+capacities (eager and under torch.compile(fullgraph=True)), and FlopCounterMode still sees the skipped MACs missing."""
+import copy
+import math
+import os
+
+import pytest
+import timm
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from tests.helpers import randomize_bn, randomize_gates
+from timm_skipnet.accounting import count_macs, measure_mac_table
+from timm_skipnet.capacity import calibrate_capacity, gate_rates
+
+PUBLISHED = os.path.join(os.path.dirname(__file__), '..', 'hub_configs', 'skipnet_resnet38_cifar.cifar10')
+
+
+def _model(gate_type='rnn', layers=None, seed=0):
+    kwargs = dict(gate_type=gate_type)
+    if layers:
+        kwargs['layers'] = layers
+    model = timm.create_model('skipnet_resnet38_cifar', **kwargs).eval()
+    randomize_gates(model, seed=seed)
+    randomize_bn(model, seed=seed)
+    return model
+
+
+@pytest.mark.parametrize('gate_type', ['rnn', 'ff1', 'ff2'])
+def test_folded_gates_give_the_unfolded_logits_and_decisions(gate_type):
+    model = _model(gate_type)
+    x = torch.randn(16, 16, 32, 32)
+    folded, bank = model.gates.folded(), model.gates
+    with torch.no_grad():
+        s_f, s_u = folded.init_state(x), bank.init_state(x)
+        for k, chs in enumerate(model._gate_in_chs()):
+            xk = torch.randn(16, chs, 512 // chs, 512 // chs)
+            lf, s_f = folded(k, xk, s_f)
+            lu, s_u = bank(k, xk, s_u)
+            torch.testing.assert_close(lf, lu, rtol=1e-5, atol=1e-5)
+            assert torch.equal(lf > 0, lu > 0)
+
+
+def test_folded_gates_are_rebuilt_after_a_weight_change_and_dropped_in_training():
+    model = _model()
+    first = model.gates.folded()
+    assert model.gates.folded() is first  # cached while nothing changed
+    with torch.no_grad():
+        model.gates.embed[3].weight.mul_(2.0)  # in place: the tensor's version moves
+    second = model.gates.folded()
+    assert second is not first
+    torch.testing.assert_close(second.w_in[3], model.gates.lstm.weight_ih @ model.gates.embed[3].weight)
+    model.train()
+    assert model.gates._folded.value is None
+    model.load_state_dict(_model(seed=1).state_dict())
+    model.eval()
+    torch.testing.assert_close(model.gates.folded().b_in[0], model.gates.lstm.weight_ih @ model.gates.embed[0].bias
+                               + model.gates.lstm.bias_ih + model.gates.lstm.bias_hh)
+
+
+def test_published_model_folded_decisions_equal_the_traced_unfolded_ones_on_real_images(cifar10_dir):
+    from timm_skipnet.data import DataSpec, build_transforms, make_loader
+    model = timm.create_model(f'local-dir:{PUBLISHED}', pretrained=True).eval()
+    loader = make_loader(DataSpec(cifar10_dir), 'test', build_transforms(model, False), 250, limit=1000)
+    with torch.inference_mode():
+        for x, _, _ in loader:
+            traced = model.forward_with_gates(x)  # unfolded gates
+            torch.testing.assert_close(model(x), traced.logits, rtol=0, atol=1e-5)  # folded, sparse
+            model.set_execution('static')
+            torch.testing.assert_close(model(x), traced.logits, rtol=0, atol=1e-5)
+            model.set_execution('auto')
+
+
+@pytest.mark.parametrize('gate_type', ['rnn', 'ff1'])
+def test_batch_one_sparse_dense_and_static_paths_equal_the_traced_model(gate_type):
+    model = _model(gate_type)
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        traced = model.forward_with_gates(x)
+        assert 0 < traced.actions.mean() < 1
+        for execution in ('sparse', 'dense', 'static'):
+            model.set_execution(execution)
+            one = torch.cat([model(x[i:i + 1]) for i in range(len(x))])
+            torch.testing.assert_close(one, traced.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_capacity_rule_is_expected_count_plus_binomial_sigmas():
+    model = _model()
+    model.set_gate_capacity([0.0, 1.0, 0.5] + [0.25] * 14, sigmas=2.0)
+    assert model.gate_capacity_for(0, 64) == 0
+    assert model.gate_capacity_for(1, 64) == 64
+    assert model.gate_capacity_for(2, 64) == math.ceil(32 + 2 * math.sqrt(64 * 0.25))  # 40
+    assert model.gate_capacity_for(3, 256) == math.ceil(64 + 2 * math.sqrt(256 * 0.25 * 0.75))
+    assert model.gate_capacity_for(2, 1) == 1
+
+
+@pytest.mark.parametrize('rate', [0.0, 0.3, 0.6])
+def test_static_execution_with_exact_overflow_equals_sparse_execution(rate):
+    """Whatever the capacity, 'exact' never changes a result: a batch that overflows runs the whole batch."""
+    model = _model()
+    model.set_gate_capacity(rate, sigmas=0.0, overflow='exact')
+    x = torch.randn(12, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        actions = model.forward_with_gates(x).actions
+        model.set_execution('static')
+        model.gate_overflow.zero_()
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+    counts = actions.sum(0)
+    caps = torch.tensor([model.gate_capacity_for(k, 12) for k in range(model.num_gated_blocks)])
+    assert torch.equal(model.gate_overflow, (counts > caps).long())  # each fallback is counted
+
+
+def test_static_execution_overflow_rule_shortcut_drops_the_lowest_margins_and_counts_them():
+    model = _model()
+    x = torch.randn(12, 3, 32, 32)
+    with torch.no_grad():
+        trace = model.forward_with_gates(x)
+    counts = trace.actions.sum(0)
+    k = int(torch.argmax(counts))  # a gate that runs for several images
+    assert counts[k] >= 3
+    rates = [1.0] * model.num_gated_blocks
+    rates[k] = 1.0 / 12  # capacity 1 at batch 12 with no sigmas
+    model.set_gate_capacity(rates, sigmas=0.0, overflow='shortcut')
+    model.set_execution('static')
+    with torch.no_grad():
+        model.gate_overflow.zero_()
+        out = model(x)
+        # by hand: gate k runs only for its highest-logit image among those that would run; the gates after it
+        # decide on what they then see
+        logits = trace.gate_logits[:, k]
+        keep = torch.zeros_like(trace.actions[:, k])
+        keep[torch.argmax(torch.where(trace.actions[:, k] > 0, logits, torch.full_like(logits, -1e9)))] = 1
+        h = model.maxpool(model._forward_stem(x))
+        gates = model.gates.folded()
+        state = gates.init_state(h)
+        for j, block in enumerate(model.blocks()):
+            if j > 0:
+                gate_logit, state = gates(j - 1, h, state)
+                a = keep if j - 1 == k else (gate_logit > 0).float()
+                h = torch.where(a.view(-1, 1, 1, 1) > 0, block(h), h if block.downsample is None
+                                else block.downsample(h))
+            else:
+                h = block(h)
+        expected = model.forward_head(h)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    assert model.gate_overflow[k] == counts[k] - 1
+    assert int(model.gate_overflow.sum()) == int(counts[k] - 1)
+
+
+def test_capacity_travels_with_the_weights_and_older_weights_load_uncalibrated(tmp_path):
+    model = _model()
+    model.set_gate_capacity([0.1 * (k % 10) for k in range(17)], sigmas=1.5)
+    state = model.state_dict()
+    fresh = _model(seed=1)
+    fresh.load_state_dict(state)
+    assert fresh.gate_capacity_for(3, 100) == model.gate_capacity_for(3, 100) == math.ceil(30 + 1.5 * math.sqrt(21))
+    older = {k: v for k, v in state.items() if not k.startswith('gate_capacity')}
+    fresh.load_state_dict(older)
+    assert [fresh.gate_capacity_for(k, 64) for k in range(17)] == [64] * 17
+
+
+def test_calibrated_rates_are_the_greedy_execution_rates():
+    model = _model()
+    xs = [torch.randn(8, 3, 32, 32) for _ in range(3)]
+    rates = calibrate_capacity(model, xs)
+    with torch.no_grad():
+        expected = torch.cat([model.forward_with_gates(x).actions for x in xs]).double().mean(0)
+    torch.testing.assert_close(torch.tensor(rates, dtype=torch.float64), expected)
+    torch.testing.assert_close(model.gate_capacity, expected.float())
+    with pytest.raises(ValueError, match='yielded nothing'):
+        gate_rates(model, [])
+
+
+def test_bad_capacity_settings_are_refused():
+    model = _model()
+    with pytest.raises(ValueError, match='one rate in'):
+        model.set_gate_capacity([0.5] * 3)
+    with pytest.raises(ValueError, match='one rate in'):
+        model.set_gate_capacity(1.5)
+    with pytest.raises(ValueError, match='overflow must be'):
+        model.set_gate_capacity(0.5, overflow='drop')
+    with pytest.raises(RuntimeError, match='eval mode only'):
+        model.train().set_execution('static')
+        model(torch.randn(2, 3, 32, 32), gate_policy='greedy')
+
+
+def test_default_inference_path_flop_count_misses_exactly_the_skipped_blocks():
+    """FlopCounterMode over the default (folded, sparse) path: every skipped block's MACs are missing; the gates
+    cost what their folded form costs."""
+    model = _model()
+    table = measure_mac_table(model, (3, 32, 32))
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        actions = model.forward_with_gates(x).actions
+        model(x)  # folds the gates once (a one-time cost, not a per-image one)
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+        folded = model.gates.folded()
+        h = model.blocks()[0](model.maxpool(model._forward_stem(x[:1])))
+        state = folded.init_state(h)
+        folded_gates = 0
+        for k, block in enumerate(model.blocks()[1:]):
+            folded_gates += count_macs(folded, k, h, state)
+            _, state = folded(k, h, state)
+            h = block(h)
+    expected = table.per_image_macs(actions).sum().item() + len(x) * (folded_gates - sum(table.gates))
+    assert counter.get_total_flops() // 2 == expected
+
+
+@pytest.mark.slow
+def test_compiled_fullgraph_model_really_skips_and_equals_eager():
+    """torch.compile(fullgraph=True): no graph break, no data-dependent shape; batch 1 through torch.cond, a batch
+    through the capacity sub-batches (with an overflow falling back exactly), and blocks that no image runs are
+    really absent from the work (the shortcut result is returned)."""
+    torch._dynamo.reset()
+    model = _model(layers=(2, 2, 2))
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+        rates = calibrate_capacity(model, [x])
+    assert 0 < sum(rates) < len(rates)
+    model.set_gate_capacity([r * 0.5 for r in rates], sigmas=0.0)  # tight: some gates overflow and fall back
+    compiled = torch.compile(copy.deepcopy(model), fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(compiled(x[:1]), expected[:1], rtol=1e-4, atol=1e-4)
