@@ -336,3 +336,38 @@ def test_forced_thresholds_survive_weight_averaging_and_a_meta_model_loads_them_
     load_weights(meta, str(tmp_path / 'w.safetensors'))
     assert torch.equal(meta.gate_threshold_logits, model.gate_threshold_logits)
     assert meta.to(torch.bfloat16).gate_threshold_logits.dtype == torch.float32
+
+
+@pytest.mark.parametrize('gate_type', ['rnn', 'ff1'])
+def test_sparse_execution_under_bfloat16_autocast_runs_the_blocks_dense_execution_runs(gate_type):
+    model = timm.create_model('skipnet_resnet38_cifar', gate_type=gate_type).eval()
+    randomize_bn(model)
+    randomize_gates(model)
+    x = torch.randn(16, 3, 32, 32)
+    # bfloat16 keeps 8 bits of mantissa: a logit within its rounding of the threshold may fall either side on paths
+    # that compute the gates in another order (the hot path folds BatchNorm into them). Each gate's threshold, in
+    # network order, goes in the widest gap of its float32 logits on this batch, so every decision is clear.
+    with torch.no_grad():
+        for k in range(model.num_gated_blocks):
+            logits = model.forward_with_gates(x).gate_logits[:, k].sort().values
+            gap = (logits[1:] - logits[:-1]).argmax()
+            thresholds = model.gate_threshold_logits.clone()
+            thresholds[k] = (logits[gap] + logits[gap + 1]) / 2
+            model.set_gate_thresholds(thresholds.tolist(), logits=True)
+        logits = model.forward_with_gates(x).gate_logits
+        margins = logits - model.gate_threshold_logits
+    assert (margins.abs() / (logits.amax(0) - logits.amin(0))).min() > 0.03  # clear of rounding, for each gate
+    traces = {}
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        for execution in ('dense', 'sparse'):
+            model.set_execution(execution)
+            traces[execution] = model.forward_with_gates(x)
+        with torch.inference_mode():  # the untraced hot path: folded gates, scattering in place
+            fast = model(x)
+    dense, sparse = traces['dense'], traces['sparse']
+    assert ((sparse.actions.mean(0) > 0) & (sparse.actions.mean(0) < 1)).all()  # every gate splits the batch
+    assert torch.equal(sparse.actions, (margins > 0).float())  # the float32 decisions
+    assert torch.equal(sparse.actions, dense.actions)
+    assert sparse.logits.dtype == dense.logits.dtype == fast.dtype == torch.bfloat16
+    for other in (dense.logits, fast):
+        torch.testing.assert_close(sparse.logits.float(), other.float(), rtol=0.05, atol=0.05)
