@@ -52,7 +52,9 @@ def _timer(device: torch.device):
 @torch.inference_mode()
 def run_bench(model_name: str = 'skipnet_resnet50', batch_sizes: Sequence[int] = (1, 8, 64), rate: float = 0.5,
               img_size: int = 224, min_time: float = 3.0, min_iters: int = 3, seed: int = 0,
-              device: str = 'cpu') -> List[Dict]:
+              device: str = 'cpu', compile: bool = False) -> List[Dict]:
+    """``compile``: every variant under ``torch.compile(fullgraph=True)`` (the SkipNet in static execution, its
+    capacity calibrated on images other than the timed ones), compared with the compiled plain ResNet."""
     torch.manual_seed(seed)
     device = torch.device(device)
     plain, skip = _build(model_name)
@@ -65,26 +67,30 @@ def run_bench(model_name: str = 'skipnet_resnet50', batch_sizes: Sequence[int] =
     for bs in batch_sizes:
         x = torch.randn(bs, 3, img_size, img_size).to(device)
         macs_seen: List[torch.Tensor] = []
-        variants = _variants(plain, skip, x, rate, table, macs_seen, calib)
+        variants = (_compiled_variants if compile else _variants)(plain, skip, x, rate, table, macs_seen, calib)
         times = {k: [] for k in variants}
-        for fn in variants.values():  # warm-up
+        plain_name = next(iter(variants))
+        for fn in variants.values():  # warm-up (compiles)
             fn()
         start = now()
-        while now() - start < min_time * len(variants) or len(times['plain timm ResNet']) < min_iters:
+        while now() - start < min_time * len(variants) or len(times[plain_name]) < min_iters:
             for name, fn in variants.items():
                 t0 = now()
                 fn()
                 times[name].append(now() - t0)
         dyn = torch.cat(macs_seen).mean().item()
-        t_plain = statistics.median(times['plain timm ResNet'])
+        t_plain = statistics.median(times[plain_name])
         for name, ts in times.items():
             t = statistics.median(ts)
             full_row = name.startswith('plain') or 'open' in name
             r = 1.0 if name.startswith('plain') else table.full_macs / (
                 (table.full_macs + sum(table.gates)) if full_row else dyn)
             s = t_plain / t
-            rows.append(dict(batch=bs, variant=name, latency_ms=1e3 * t, img_per_s=bs / t, ideal_R=r, speedup_S=s,
-                             eta=s / r, iters=len(ts)))
+            row = dict(batch=bs, variant=name, latency_ms=1e3 * t, img_per_s=bs / t, ideal_R=r, speedup_S=s,
+                       eta=s / r, iters=len(ts))
+            if 'open' in name:  # every gate computed, every block run: what the gates alone cost
+                row['gate_us'] = 1e6 * (t - t_plain) / skip.num_gated_blocks
+            rows.append(row)
     return rows
 
 
@@ -146,12 +152,37 @@ def _variants(plain, skip, x, rate, table, macs_seen, calib) -> Dict:
     }
 
 
+def _compiled_variants(plain, skip, x, rate, table, macs_seen, calib) -> Dict:
+    """Compiled twins of :func:`_variants`: plain, all gates open, and the calibrated gates in static execution
+    (fixed-size sub-batches, torch.cond at batch 1). Separate copies, so no variant recompiles another."""
+    from .capacity import calibrate_capacity
+    torch._dynamo.reset()
+    opened = copy.deepcopy(skip)
+    opened.gates.set_constant_probability(1.0)
+    gated = copy.deepcopy(skip)
+    calibrate_gates(gated, calib, rate)
+    calibrate_capacity(gated, [calib])
+    macs_seen.append(table.per_image_macs(gated.forward_with_gates(x).actions))
+    compiled = {name: torch.compile(m, fullgraph=True, dynamic=False) for name, m in
+                (('plain', plain), ('open', opened), ('gated', gated))}
+    return {
+        'plain timm ResNet (compiled)': lambda: compiled['plain'](x),
+        'SkipNet, all gates open (compiled)': lambda: compiled['open'](x),
+        f'SkipNet static, rate {rate:g} (compiled)': lambda: compiled['gated'](x),
+    }
+
+
 def format_table(rows: List[Dict]) -> str:
     head = '| batch | variant | latency (ms) | images/s | ideal R | measured S | eta = S/R |'
     lines = [head, '|---:|---|---:|---:|---:|---:|---:|']
     for r in rows:
         lines.append(f"| {r['batch']} | {r['variant']} | {r['latency_ms']:.1f} | {r['img_per_s']:.1f} | "
                      f"{r['ideal_R']:.3f} | {r['speedup_S']:.3f} | {r['eta']:.3f} |")
+    gate = [f"batch {r['batch']}: {r['gate_us']:.0f} us" for r in rows if 'gate_us' in r]
+    if gate:
+        lines.append('')
+        lines.append('Gate cost per gate (all gates computed and open, minus plain, over the gated blocks): '
+                     + '; '.join(gate))
     return '\n'.join(lines)
 
 
@@ -161,6 +192,46 @@ def device_name(device: str) -> str:
     if d.type == 'cuda':
         return torch.cuda.get_device_name(d)
     return f'CPU, {torch.get_num_threads()} threads'
+
+
+def run_images_bench(model_id: str, data: str, batch_sizes: Sequence[int] = (1, 8, 64, 256),
+                     compile: bool = False, images: int = 2048, device: str = 'cpu', rounds: int = 3) -> List[Dict]:
+    """A trained SkipNet on real images (its own per-image decisions) against the same weights with every gate
+    open (no gate computed: the plain ResNet), both eager or both compiled. Batch 1 times the first 200 images."""
+    from .accounting import measure_mac_table as _table
+    from .data import DataSpec, build_transforms, make_loader
+    model = timm.create_model(model_id, pretrained=True).eval()
+    baseline = copy.deepcopy(model)
+    baseline.set_gate_policy('open')
+    loader = make_loader(DataSpec(data), 'test', build_transforms(model, False), 256, limit=images)
+    xs = torch.cat([x for x, _, _ in loader if x is not None])
+    with torch.inference_mode():
+        actions = torch.cat([model.forward_with_gates(xs[i:i + 256]).actions for i in range(0, len(xs), 256)])
+    ideal = _table(model).full_macs / _table(model).per_image_macs(actions).mean().item()
+    model, baseline = model.to(device), baseline.to(device)
+    rows = []
+    for bs in batch_sizes:
+        n = 200 if bs == 1 else (len(xs) // bs) * bs  # whole batches only: a compiled graph has one batch size
+        if n == 0:
+            raise ValueError(f'batch size {bs} is larger than the {len(xs)} images timed; lower it or raise --images.')
+        timed = (model, baseline)
+        if compile:
+            torch._dynamo.reset()
+            timed = tuple(torch.compile(m, fullgraph=True, dynamic=False) for m in timed)
+        r = speedup_on_images(timed[0], timed[1], xs[:n], ((bs, n),), rounds=rounds, device=device)[bs]
+        rows.append(dict(batch=bs, mode='compiled' if compile else 'eager', images=n, ideal_R=ideal,
+                         skipnet_img_per_s=r['model_img_per_s'], plain_img_per_s=r['baseline_img_per_s'],
+                         speedup_S=r['speedup'], eta=r['speedup'] / ideal))
+    return rows
+
+
+def format_images_table(rows: List[Dict]) -> str:
+    lines = ['| batch | mode | images | ResNet img/s | SkipNet img/s | measured S | ideal R | eta = S/R |',
+             '|---:|---|---:|---:|---:|---:|---:|---:|']
+    for r in rows:
+        lines.append(f"| {r['batch']} | {r['mode']} | {r['images']} | {r['plain_img_per_s']:.0f} | "
+                     f"{r['skipnet_img_per_s']:.0f} | {r['speedup_S']:.2f}x | {r['ideal_R']:.2f}x | {r['eta']:.2f} |")
+    return '\n'.join(lines)
 
 
 def main(args) -> None:
@@ -176,10 +247,18 @@ def main(args) -> None:
         for r in rows:
             print(f"| {r['variant']} | {r['step_ms']:.1f} | {r['img_per_s']:.1f} | {r['cost_vs_plain']:.3f}x |")
         return
-    rows = run_bench(args.model, args.batch_sizes, args.rate, args.img_size, args.min_time, seed=args.seed,
-                     device=args.device)
-    print(f'# {args.model} at {args.img_size} px, {where}, torch {torch.__version__}')
-    print(format_table(rows))
+    modes = {'eager': [False], 'compiled': [True], 'both': [False, True]}[args.mode]
+    if args.data:
+        rows = [r for c in modes for r in run_images_bench(args.model, args.data, args.batch_sizes, compile=c,
+                                                            images=args.images, device=args.device)]
+        print(f'# {args.model} vs the same weights with every gate open, on {args.data} test images, {where}, '
+              f'torch {torch.__version__}')
+        print(format_images_table(rows))
+    else:
+        rows = [r for c in modes for r in run_bench(args.model, args.batch_sizes, args.rate, args.img_size,
+                                                    args.min_time, seed=args.seed, device=args.device, compile=c)]
+        print(f'# {args.model} at {args.img_size} px, {where}, torch {torch.__version__}')
+        print(format_table(rows))
     if args.output:
         import json
 
@@ -198,6 +277,11 @@ def add_parser(sub) -> None:
     p.add_argument('--device', default='cpu', help='cpu | cuda | cuda:N (GPU timings wait for the kernels)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--output', default='', help='also write the rows as JSON')
+    p.add_argument('--mode', default='eager', choices=('eager', 'compiled', 'both'),
+                   help='eager, or every variant under torch.compile(fullgraph=True), or both (like with like)')
+    p.add_argument('--data', default='', help='time a trained --model (local-dir:, hf-hub:) on this dataset\'s test '
+                   'images instead of synthetic gates, e.g. ../shared/data/cifar10/plain')
+    p.add_argument('--images', type=int, default=2048, help='--data: test images timed (batch 1: the first 200)')
     p.add_argument('--train', action='store_true', help='time training steps per stage instead (first batch size)')
     p.add_argument('--steps', type=int, default=20, help='--train: timed steps per variant')
     p.set_defaults(func=main)
