@@ -155,11 +155,25 @@ def test_non_resnet_families_get_a_clear_error(base):
         convert_to_skipnet(model)
 
 
-def test_skipnet_from_timm_builds_any_resnet_by_name():
-    model = timm.create_model('skipnet_from_timm', base_model='seresnext26d_32x4d', num_classes=3,
-                              gate_type='ff2').eval()
-    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+@pytest.mark.parametrize('base', ['seresnext26d_32x4d', 'resnet18d'])
+def test_skipnet_from_timm_builds_the_named_resnet_with_its_weights_and_gates(base):
+    plain = timm.create_model(base, num_classes=3).eval()
+    randomize_bn(plain)
+    model = timm.create_model('skipnet_from_timm', base_model=base, num_classes=3, gate_type='ff2').eval()
     assert type(model.gates).__name__ == 'FeedForwardGates'
+    assert model.num_gated_blocks == len(model.blocks()) - 1 == sum(len(getattr(plain, f'layer{i}')) for i in
+                                                                  range(1, 5)) - 1
+    own = model.state_dict()
+    trunk = {k: v for k, v in own.items() if not k.startswith(('gates.', 'gate_'))}  # gate_*: SkipNet's own buffers
+    assert trunk.keys() == plain.state_dict().keys()  # the named architecture, tensor for tensor
+    assert all(own[k].shape == v.shape for k, v in plain.state_dict().items())
+    model.load_state_dict({**own, **plain.state_dict()})
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(model(x, gate_policy='open'), plain(x))  # gates open: exactly the timm model
+    randomize_bn(model.gates)
+    randomize_gates(model)
+    actions = model.forward_with_gates(x).actions
+    assert 0 < actions.mean() < 1 and not torch.allclose(model(x), plain(x))  # and the gates do skip its blocks
     with pytest.raises(ValueError, match='plain timm ResNet'):
         timm.create_model('skipnet_from_timm', base_model='skipnet_resnet50')
 

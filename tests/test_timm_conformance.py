@@ -44,7 +44,8 @@ def test_backward_reaches_every_parameter(name):
 
 @pytest.mark.parametrize('name', MODELS)
 def test_pretrained_cfg_matches_the_model(name):
-    model = timm.create_model(name).eval()
+    # the deep models are only read here: built on the meta device, nothing is initialised
+    model = timm.create_model(name, **(dict(device='meta') if name in DEEP else {})).eval()
     cfg = model.pretrained_cfg
     for key in ('input_size', 'pool_size', 'first_conv', 'classifier', 'mean', 'std', 'paper_ids'):
         assert cfg.get(key), key
@@ -73,16 +74,24 @@ def test_num_classes_in_chans_and_reset_classifier(name):
 
 @pytest.mark.parametrize('name', ['skipnet_resnet38_cifar', 'skipnet_resnet18', 'skipnet_resnet50'])
 def test_features_only_and_forward_intermediates_follow_the_gates(name):
-    from tests.helpers import randomize_gates
+    from tests.helpers import randomize_bn, randomize_gates
     s = _size(name, 32)
     x = torch.randn(2, 3, s, s)
     model = timm.create_model(name).eval()
+    randomize_bn(model)  # timm zero-initialises each block's last BatchNorm: a fresh block adds nothing, skipped or not
     randomize_gates(model)
+    actions = model.forward_with_gates(x).actions
+    assert (actions == 0).any() and (actions == 1).any()  # some blocks skipped: features that ignored the gates differ
     final, inter = model.forward_intermediates(x)
     assert len(inter) == len(model.feature_info)
     assert torch.allclose(final, model.forward_features(x))
+    model.set_gate_policy('open')
+    assert not torch.allclose(model.forward_intermediates(x)[1][-1], inter[-1])  # so the gates change the features
+    model.set_gate_policy('auto')
     feat_model = timm.create_model(name, features_only=True).eval()
-    feat_model.model.load_state_dict(model.state_dict(), strict=False)
+    head = {model.pretrained_cfg['classifier'] + '.weight', model.pretrained_cfg['classifier'] + '.bias'}
+    missing, unexpected = feat_model.model.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and set(unexpected) <= head  # every trunk and gate tensor lands; only the classifier has no home
     feats = feat_model(x)
     assert [f.shape[1] for f in feats] == feat_model.feature_info.channels()
     for a, b in zip(feats, inter):
