@@ -73,6 +73,7 @@ def test_errors_that_are_not_about_the_hub_pass_through():
             raise ValueError('bad argument')
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end_on_a_slice(cifar10_dir, tmp_path):
     env = dict(os.environ, CIFAR10_DIR=cifar10_dir, OMP_NUM_THREADS=os.environ.get('SKIPNET_TEST_THREADS', '2'))
     out = subprocess.run(
