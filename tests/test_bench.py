@@ -16,14 +16,46 @@ def test_calibrated_gates_run_about_the_requested_share_with_per_image_decisions
 
 
 def test_bench_rows_report_ideal_and_measured_speedups():
+    from timm_skipnet.accounting import measure_mac_table
     rows = run_bench('skipnet_resnet18', batch_sizes=[2], rate=0.5, img_size=32, min_time=0.01, min_iters=1)
     assert [r['variant'] for r in rows] == ['plain timm ResNet', 'SkipNet, all gates open',
                                             'SkipNet dense, rate 0.5', 'SkipNet sparse, rate 0.5']
     plain, open_, dense, sparse = rows
-    assert plain['ideal_R'] == 1.0 and plain['speedup_S'] == 1.0
-    assert open_['ideal_R'] < 1.0  # all blocks plus the gates' own MACs
-    assert dense['ideal_R'] == sparse['ideal_R'] > 1.2
-    assert all(abs(r['eta'] - r['speedup_S'] / r['ideal_R']) < 1e-9 for r in rows)
+    # R from an independent count: all gates open costs every block plus every gate, measured here
+    table = measure_mac_table(timm.create_model('skipnet_resnet18'), (3, 32, 32))
+    assert open_['ideal_R'] == pytest.approx(table.full_macs / (table.full_macs + sum(table.gates)), rel=1e-12)
+    skipping = table.full_macs / dense['ideal_R']  # the mean MACs of the calibrated decisions
+    assert dense['ideal_R'] == sparse['ideal_R'] > 1.2  # the same decisions, however they are executed
+    assert table.stem + table.blocks[0] + table.head + sum(table.gates) + sum(table.shortcuts) < skipping
+    # S of every row is the plain row's latency over its own, the throughput its batch over its latency
+    for r in rows:
+        assert r['batch'] == 2 and r['iters'] >= 1 and r['latency_ms'] > 0
+        assert r['speedup_S'] == pytest.approx(plain['latency_ms'] / r['latency_ms'], rel=1e-9)
+        assert r['img_per_s'] == pytest.approx(2 / (r['latency_ms'] / 1e3), rel=1e-9)
+        assert r['eta'] == pytest.approx(r['speedup_S'] / r['ideal_R'], rel=1e-9)
+
+
+def test_bench_command_sets_its_threads_and_writes_the_printed_rows_as_json(tmp_path, capsys):
+    import json
+
+    from tests.conftest import TEST_THREADS
+    from timm_skipnet import cli
+    out = tmp_path / 'bench.json'
+    try:
+        cli.main(['bench', '--model', 'skipnet_resnet18', '--batch-sizes', '1', '2', '--img-size', '32',
+                  '--min-time', '0.01', '--threads', '2', '--output', str(out)])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(TEST_THREADS)
+    printed = capsys.readouterr().out
+    assert 'CPU, 2 threads' in printed.splitlines()[0]
+    rows = json.loads(out.read_text())
+    assert [(r['batch'], r['variant']) for r in rows] == [(b, v) for b in (1, 2) for v in (
+        'plain timm ResNet', 'SkipNet, all gates open', 'SkipNet dense, rate 0.5', 'SkipNet sparse, rate 0.5')]
+    table = [line for line in printed.splitlines() if line.startswith('| ') and line[2].isdigit()]
+    assert len(table) == len(rows)
+    for line, r in zip(table, rows):
+        assert line.startswith(f"| {r['batch']} | {r['variant']} | {r['latency_ms']:.1f} |")
 
 
 def test_train_bench_times_every_stage_against_a_plain_step():
