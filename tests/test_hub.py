@@ -164,3 +164,52 @@ def test_a_converted_timm_resnet_round_trips_through_a_hub_folder(tmp_path):
     x = torch.randn(3, 3, 64, 64)
     assert torch.equal(reloaded(x), model(x))
     assert type(reloaded.gates).__name__ == 'FeedForwardGates'
+
+
+def test_publish_command_passes_token_and_private_to_the_hub(monkeypatch, trained_skipnet38):
+    from timm_skipnet import cli
+    _, folder = trained_skipnet38
+    calls = []
+    init = huggingface_hub.HfApi.__init__
+
+    def recording_init(self, *args, **kwargs):
+        calls.append(('init', kwargs.get('token')))
+        init(self, *args, **kwargs)
+    monkeypatch.setattr(huggingface_hub.HfApi, '__init__', recording_init)
+    monkeypatch.setattr(huggingface_hub.HfApi, 'create_repo',
+                        lambda self, repo_id, **kw: calls.append(('create', repo_id, kw.get('private'))))
+    monkeypatch.setattr(huggingface_hub.HfApi, 'upload_folder', lambda self, **kw: calls.append(
+        ('upload', kw['repo_id'], kw['folder_path'])) or 'https://huggingface.co/timm-skipnet/x/commit/1')
+    cli.main(['publish', folder, 'timm-skipnet/x', '--private', '--token', 'hf_secret'])
+    assert calls == [('init', 'hf_secret'), ('create', 'timm-skipnet/x', True), ('upload', 'timm-skipnet/x', folder)]
+    calls.clear()
+    cli.main(['publish', folder, 'timm-skipnet/x'])  # defaults: the logged-in token, a public repo
+    assert calls[:2] == [('init', None), ('create', 'timm-skipnet/x', False)]
+
+
+def test_greedy_thresholds_survive_export_command_local_dir_and_eval(tmp_path, cifar10_dir, capsys):
+    from timm_skipnet import cli
+    from timm_skipnet.data import DataSpec, build_transforms, make_loader
+    model = timm.create_model('skipnet_resnet38_cifar', num_classes=10).eval()
+    randomize_bn(model)
+    randomize_gates(model, scale=0.5)
+    k = model.num_gated_blocks
+    model.set_gate_thresholds([0.0, 1.0] + [0.3 + 0.4 * j / k for j in range(k - 2)])  # forced open, shut, graded
+    run = export_folder(model, str(tmp_path / 'run_model'), dict(num_classes=10, gate_type='rnn'))
+    out = tmp_path / 'skipnet_resnet38_cifar.thr'
+    cli.main(['export', run, '--output', str(out), '--repo-id', 'timm-skipnet/skipnet_resnet38_cifar.thr'])
+    reloaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    assert torch.equal(reloaded.gate_threshold_logits, model.gate_threshold_logits)
+    cli.main(['eval', '--model', f'local-dir:{out}', '--dataset', cifar10_dir, '--max-images', '32',
+              '--output', str(tmp_path / 'eval.json')])
+    summary = json.loads((tmp_path / 'eval.json').read_text())
+    loader = make_loader(DataSpec(cifar10_dir), 'test', build_transforms(model, False), 32, limit=32)
+    (x, _, _), = list(loader)
+    with torch.no_grad():
+        actions = model.forward_with_gates(x).actions  # the thresholded source model, decided here
+    assert actions[:, 0].min() == 1 and actions[:, 1].max() == 0 and 0 < actions[:, 2:].mean() < 1
+    assert [round(r * 32) for r in summary['gate_execution_rates']] == actions.sum(0).long().tolist()
+    default = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    default.set_gate_thresholds(0.5)
+    with torch.no_grad():
+        assert not torch.equal(default.forward_with_gates(x).actions, actions)  # the thresholds are what decided
