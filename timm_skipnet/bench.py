@@ -52,7 +52,8 @@ def _timer(device: torch.device):
 @torch.inference_mode()
 def run_bench(model_name: str = 'skipnet_resnet50', batch_sizes: Sequence[int] = (1, 8, 64), rate: float = 0.5,
               img_size: int = 224, min_time: float = 3.0, min_iters: int = 3, seed: int = 0,
-              device: str = 'cpu', compile: bool = False) -> List[Dict]:
+              device: str = 'cpu', compile: bool = False, overflow: str = 'exact',
+              compile_mode: str = 'default') -> List[Dict]:
     """``compile``: every variant under ``torch.compile(fullgraph=True)`` (the SkipNet in static execution, its
     capacity calibrated on images other than the timed ones), compared with the compiled plain ResNet."""
     torch.manual_seed(seed)
@@ -67,7 +68,10 @@ def run_bench(model_name: str = 'skipnet_resnet50', batch_sizes: Sequence[int] =
     for bs in batch_sizes:
         x = torch.randn(bs, 3, img_size, img_size).to(device)
         macs_seen: List[torch.Tensor] = []
-        variants = (_compiled_variants if compile else _variants)(plain, skip, x, rate, table, macs_seen, calib)
+        if compile:
+            variants = _compiled_variants(plain, skip, x, rate, table, macs_seen, calib, overflow, compile_mode)
+        else:
+            variants = _variants(plain, skip, x, rate, table, macs_seen, calib)
         times = {k: [] for k in variants}
         plain_name = next(iter(variants))
         for fn in variants.values():  # warm-up (compiles)
@@ -152,7 +156,8 @@ def _variants(plain, skip, x, rate, table, macs_seen, calib) -> Dict:
     }
 
 
-def _compiled_variants(plain, skip, x, rate, table, macs_seen, calib) -> Dict:
+def _compiled_variants(plain, skip, x, rate, table, macs_seen, calib, overflow='exact',
+                       compile_mode='default') -> Dict:
     """Compiled twins of :func:`_variants`: plain, all gates open, and the calibrated gates in static execution
     (fixed-size sub-batches, torch.cond at batch 1). Separate copies, so no variant recompiles another."""
     from .capacity import calibrate_capacity
@@ -162,8 +167,9 @@ def _compiled_variants(plain, skip, x, rate, table, macs_seen, calib) -> Dict:
     gated = copy.deepcopy(skip)
     calibrate_gates(gated, calib, rate)
     calibrate_capacity(gated, [calib])
+    gated.set_gate_capacity(gated.gate_capacity.tolist(), overflow=overflow)
     macs_seen.append(table.per_image_macs(gated.forward_with_gates(x).actions))
-    compiled = {name: torch.compile(m, fullgraph=True, dynamic=False) for name, m in
+    compiled = {name: torch.compile(m, fullgraph=True, dynamic=False, mode=compile_mode) for name, m in
                 (('plain', plain), ('open', opened), ('gated', gated))}
     return {
         'plain timm ResNet (compiled)': lambda: compiled['plain'](x),
@@ -195,12 +201,14 @@ def device_name(device: str) -> str:
 
 
 def run_images_bench(model_id: str, data: str, batch_sizes: Sequence[int] = (1, 8, 64, 256),
-                     compile: bool = False, images: int = 2048, device: str = 'cpu', rounds: int = 3) -> List[Dict]:
+                     compile: bool = False, images: int = 2048, device: str = 'cpu', rounds: int = 3,
+                     overflow: str = 'exact', compile_mode: str = 'default') -> List[Dict]:
     """A trained SkipNet on real images (its own per-image decisions) against the same weights with every gate
     open (no gate computed: the plain ResNet), both eager or both compiled. Batch 1 times the first 200 images."""
     from .accounting import measure_mac_table as _table
     from .data import DataSpec, build_transforms, make_loader
     model = timm.create_model(model_id, pretrained=True).eval()
+    model.set_gate_capacity(model.gate_capacity.tolist(), overflow=overflow)
     baseline = copy.deepcopy(model)
     baseline.set_gate_policy('open')
     loader = make_loader(DataSpec(data), 'test', build_transforms(model, False), 256, limit=images)
@@ -211,13 +219,14 @@ def run_images_bench(model_id: str, data: str, batch_sizes: Sequence[int] = (1, 
     model, baseline = model.to(device), baseline.to(device)
     rows = []
     for bs in batch_sizes:
-        n = 200 if bs == 1 else (len(xs) // bs) * bs  # whole batches only: a compiled graph has one batch size
+        # whole batches only: a compiled graph has one batch size
+        n = min(200, len(xs)) if bs == 1 else (len(xs) // bs) * bs
         if n == 0:
             raise ValueError(f'batch size {bs} is larger than the {len(xs)} images timed; lower it or raise --images.')
         timed = (model, baseline)
         if compile:
             torch._dynamo.reset()
-            timed = tuple(torch.compile(m, fullgraph=True, dynamic=False) for m in timed)
+            timed = tuple(torch.compile(m, fullgraph=True, dynamic=False, mode=compile_mode) for m in timed)
         r = speedup_on_images(timed[0], timed[1], xs[:n], ((bs, n),), rounds=rounds, device=device)[bs]
         rows.append(dict(batch=bs, mode='compiled' if compile else 'eager', images=n, ideal_R=ideal,
                          skipnet_img_per_s=r['model_img_per_s'], plain_img_per_s=r['baseline_img_per_s'],
@@ -249,14 +258,16 @@ def main(args) -> None:
         return
     modes = {'eager': [False], 'compiled': [True], 'both': [False, True]}[args.mode]
     if args.data:
-        rows = [r for c in modes for r in run_images_bench(args.model, args.data, args.batch_sizes, compile=c,
-                                                            images=args.images, device=args.device)]
+        rows = [r for c in modes for r in run_images_bench(
+            args.model, args.data, args.batch_sizes, compile=c, images=args.images, device=args.device,
+            overflow=args.overflow, compile_mode=args.compile_mode)]
         print(f'# {args.model} vs the same weights with every gate open, on {args.data} test images, {where}, '
               f'torch {torch.__version__}')
         print(format_images_table(rows))
     else:
-        rows = [r for c in modes for r in run_bench(args.model, args.batch_sizes, args.rate, args.img_size,
-                                                    args.min_time, seed=args.seed, device=args.device, compile=c)]
+        rows = [r for c in modes for r in run_bench(
+            args.model, args.batch_sizes, args.rate, args.img_size, args.min_time, seed=args.seed,
+            device=args.device, compile=c, overflow=args.overflow, compile_mode=args.compile_mode)]
         print(f'# {args.model} at {args.img_size} px, {where}, torch {torch.__version__}')
         print(format_table(rows))
     if args.output:
@@ -281,6 +292,11 @@ def add_parser(sub) -> None:
                    help='eager, or every variant under torch.compile(fullgraph=True), or both (like with like)')
     p.add_argument('--data', default='', help='time a trained --model (local-dir:, hf-hub:) on this dataset\'s test '
                    'images instead of synthetic gates, e.g. ../shared/data/cifar10/plain')
+    p.add_argument('--overflow', default='exact', choices=('exact', 'shortcut'),
+                   help="compiled SkipNet: a batch beyond a gate's capacity falls back exactly (exact) or sends the "
+                        'excess down the shortcut without a host read (shortcut; counted in gate_overflow)')
+    p.add_argument('--compile-mode', default='default', help="torch.compile mode, e.g. 'reduce-overhead' (CUDA "
+                   'graphs) or max-autotune-no-cudagraphs')
     p.add_argument('--images', type=int, default=2048, help='--data: test images timed (batch 1: the first 200)')
     p.add_argument('--train', action='store_true', help='time training steps per stage instead (first batch size)')
     p.add_argument('--steps', type=int, default=20, help='--train: timed steps per variant')
