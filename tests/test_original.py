@@ -99,6 +99,22 @@ class _FFGateI(nn.Module):
         return F.softmax(logits, 1)[:, 1]
 
 
+class _FFGateII(nn.Module):
+    """The original ``FeedforwardGateII``: one stride-2 conv, 2 logits, p_exec = softmax[:, 1]."""
+
+    def __init__(self, channel, pool_size):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channel, channel, 3, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channel)
+        self.avg_layer = nn.AvgPool2d(math.floor(pool_size / 2 + 0.5))
+        self.linear_layer = nn.Conv2d(channel, 2, 1)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        logits = self.linear_layer(self.avg_layer(x)).view(x.shape[0], 2)
+        return F.softmax(logits, 1)[:, 1]
+
+
 class _OriginalSkipNet(nn.Module):
     """``ResNetRecurrentGateSP`` / ``ResNetFeedForwardSP`` (CIFAR) and ``RecurrentGatedResNet`` (ImageNet)."""
 
@@ -120,7 +136,7 @@ class _OriginalSkipNet(nn.Module):
                 layer = block(inplanes, planes, stride, ds)
                 inplanes = out
                 gate_layer = nn.Sequential(nn.AvgPool2d(pool), nn.Conv2d(out, 10, 1)) if gate == 'rnn' else \
-                    _FFGateI(out, pool)
+                    _FFGateI(out, pool) if gate == 'ff1' else _FFGateII(out, pool)
                 setattr(self, f'group{g}_ds{i}', ds)  # the same module object as layer.downsample
                 setattr(self, f'group{g}_layer{i}', layer)
                 setattr(self, f'group{g}_gate{i}', gate_layer)
@@ -280,6 +296,23 @@ def test_converted_cifar_ff1_checkpoint_reproduces_original_forward(tmp_path):
     _assert_reproduces(model, logits, masks, x)
 
 
+def test_converted_cifar_ffgate2_checkpoint_without_arch_is_recognised_from_its_keys_and_reproduces(tmp_path):
+    x = _inputs(8, 32)
+    ref = _randomize(_OriginalSkipNet(_BasicBlock, (6, 6, 6), gate='ff2'), x, seed=3)
+    with torch.no_grad():
+        logits, masks = ref(x)
+    _assert_mixed(masks)
+    path = _save_legacy(_original_checkpoint(ref), tmp_path / 'ff2.pth.tar')  # no arch: FFGate-II from its keys
+    _, meta = load_original_checkpoint(path)
+    assert meta['inferred_from'] == 'keys' and meta['model_name'] == 'skipnet_resnet38_cifar'
+    assert meta['model_args'] == dict(num_classes=10, gate_type='ff2')
+    folder = str(tmp_path / 'converted')
+    cli.main(['convert-original', path, '--output', folder])
+    model = timm.create_model(f'local-dir:{folder}', pretrained=True)
+    assert model.gates.gates[0].conv2 is None  # the one-conv gate
+    _assert_reproduces(model, logits, masks, x)
+
+
 def test_converted_imagenet_rnn_checkpoint_reproduces_original_forward(tmp_path):
     # 64 px: spatial sizes 16/8/4/2 after the stem, so the original's fixed pools are global pools as at 224 px
     x = _inputs(4, 64)
@@ -300,6 +333,12 @@ def test_converted_imagenet_rnn_checkpoint_reproduces_original_forward(tmp_path)
     # the original's ImageNet evaluation transform: resize 256, centre crop 224, bilinear
     assert model.pretrained_cfg['crop_pct'] == 0.875 and model.pretrained_cfg['interpolation'] == 'bilinear'
     _assert_reproduces(model, logits, masks, x)
+    # the HRL model of the same depth saves the same keys (reference 1.3): its arch name picks the same model
+    rl = _save_legacy(_original_checkpoint(ref, 'imagenet_rnn_gate_rl_50'), tmp_path / 'resnet-50-rnn-rl.pth.tar')
+    _, meta = load_original_checkpoint(rl)
+    assert meta['inferred_from'] == 'arch' and meta['model_name'] == 'skipnet_resnet50'
+    cli.main(['convert-original', rl, '--output', str(tmp_path / 'converted_rl')])
+    _assert_reproduces(timm.create_model(f"local-dir:{tmp_path / 'converted_rl'}", pretrained=True), logits, masks, x)
 
 
 @pytest.mark.parametrize('arch, expected', [
