@@ -225,3 +225,17 @@ def test_compiled_fullgraph_model_really_skips_and_equals_eager():
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), expected, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(compiled(x[:1]), expected[:1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('name,gate_type,size', [('skipnet_resnet50', 'rnn', 224),
+                                                 ('skipnet_resnet38_cifar', 'ff1', 32)])
+def test_models_build_and_run_on_the_meta_device_in_train_and_eval(name, gate_type, size):
+    """timm checks configs and feature shapes on 'meta' without allocating weights: no value may be read back."""
+    with torch.device('meta'):
+        model = timm.create_model(name, gate_type=gate_type)
+        classes = model.num_classes
+        for batch in (1, 3):
+            assert model.eval()(torch.randn(batch, 3, size, size)).shape == (batch, classes)
+            assert model.train()(torch.randn(batch, 3, size, size)).shape == (batch, classes)
+        feats = model.eval().forward_intermediates(torch.randn(2, 3, size, size), intermediates_only=True)
+        assert [f.shape[1] for f in feats] == [info['num_chs'] for info in model.feature_info]

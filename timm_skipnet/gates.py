@@ -4,6 +4,7 @@ Every gate bank exposes the same interface so the model loop does not care which
 ``init_state(x)`` once per forward, then ``forward(index, x, state) -> (logits, state)`` before each gated block.
 Logits, not probabilities, are returned: the policy (``policy.py``) turns them into decisions.
 """
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -15,6 +16,19 @@ from .folded_gates import FoldedCache, FoldedFeedForwardGates, FoldedRecurrentGa
 GateState = Optional[Tuple[torch.Tensor, torch.Tensor]]
 
 GATE_TYPES = ('rnn', 'ff1', 'ff2')
+
+
+# Python floats, not tensors: gates are also built under torch.device('meta'), where no tensor value can be read
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def _logit(p: float) -> float:
+    if p <= 0.0:
+        return -math.inf
+    if p >= 1.0:
+        return math.inf
+    return math.log(p) - math.log1p(-p)
 
 
 class RecurrentGates(nn.Module):
@@ -50,13 +64,13 @@ class RecurrentGates(nn.Module):
             nn.init.zeros_(m.bias)
         for name, p in self.lstm.named_parameters():
             nn.init.xavier_normal_(p) if name.startswith('weight') else nn.init.zeros_(p)
-        self.set_constant_probability(torch.sigmoid(torch.tensor(init_bias)).item())
+        self.set_constant_probability(_sigmoid(init_bias))
 
     @torch.no_grad()
     def set_constant_probability(self, p: float) -> None:
         """Make every gate emit exactly probability ``p`` for every image (benchmarks, tests, initialisation)."""
         nn.init.zeros_(self.head.weight)
-        self.head.bias.fill_(torch.logit(torch.tensor(p, dtype=torch.float64)).item())
+        self.head.bias.fill_(_logit(p))
 
     def init_state(self, x: torch.Tensor) -> GateState:
         h = x.new_zeros(x.shape[0], self.hidden_dim)
@@ -131,11 +145,11 @@ class FeedForwardGates(nn.Module):
                     nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
                 elif isinstance(m, nn.BatchNorm2d):
                     m.reset_parameters()  # --reset-gates must not keep a trained gate's statistics
-        self.set_constant_probability(torch.sigmoid(torch.tensor(init_bias)).item())
+        self.set_constant_probability(_sigmoid(init_bias))
 
     @torch.no_grad()
     def set_constant_probability(self, p: float) -> None:
-        logit = torch.logit(torch.tensor(p, dtype=torch.float64)).item()
+        logit = _logit(p)
         for g in self.gates:
             nn.init.zeros_(g.fc.weight)
             g.fc.bias.fill_(logit)

@@ -360,6 +360,8 @@ class SkipNetResNet(ResNet):
     ) -> Tuple[torch.Tensor, List[torch.Tensor], Optional[Tuple[torch.Tensor, ...]]]:
         """Stem and gated blocks. Returns features, the requested taps and, with ``with_trace``, the gate record."""
         policy, execution = self._resolve(policy)
+        if x.is_meta and execution != 'dense':  # shapes only: no decision can be read back from a meta tensor
+            execution = 'dense'
         if policy == 'greedy' and not with_trace and take_indices is None and stop_index is None:
             if execution == 'sparse':
                 return self._forward_greedy_sparse(x), [], None
