@@ -151,6 +151,15 @@ def test_impossible_budget_settings_fail_before_any_work(tmp_path, settings, mes
     assert not (tmp_path / 'out').exists()
 
 
+def test_initial_checkpoint_takes_the_local_dir_spelling_of_an_exported_folder():
+    """The documented budget runs start from ``--initial-checkpoint local-dir:hub_configs/...``."""
+    from timm_skipnet.train import build_model
+    model, _, _ = build_model(TrainConfig(stage='rl', initial_checkpoint=f'local-dir:{SHIPPED}'), num_classes=10)
+    shipped = load_file(os.path.join(SHIPPED, 'model.safetensors'))
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in shipped.items())
+
+
 # ---- short real runs -----------------------------------------------------------------------------------------------
 def _cfg(cifar10_dir, out, **kw) -> TrainConfig:
     """SkipNet-38 with the shipped model's backbone and fresh gates at p = 0.5 (the documented starting point), a

@@ -50,7 +50,8 @@ class TrainConfig:
     model: str = field(default='skipnet_resnet38_cifar', metadata=dict(help='skipnet_* name or any timm ResNet name'))
     pretrained: bool = field(default=False, metadata=dict(help='start from pretrained weights (timm / Hub)'))
     initial_checkpoint: str = field(default='', metadata=dict(help='weights to start from: .safetensors, a '
-                                                                   'weights-only .pth, or an exported folder'))
+                                                                   'weights-only .pth, or an exported folder '
+                                                                   '(also as local-dir:<folder>)'))
     resume: str = field(default='', metadata=dict(help='checkpoint dir (or run output dir) to resume'))
     resume_without_rng_state: bool = field(default=False, metadata=dict(help=(
         'resume a checkpoint whose random state is missing or unreadable (refused otherwise): the run goes on from '
@@ -97,7 +98,7 @@ class TrainConfig:
     macs_lambda_init: float = field(default=0.0, metadata=dict(help=(
         'rl with --target-macs: the Lagrange multiplier lambda at the start, in nats of cross-entropy per full '
         "model's MACs (a resumed run keeps its own)")))
-    macs_lambda_lr: float = field(default=0.05, metadata=dict(help=(
+    macs_lambda_lr: float = field(default=0.02, metadata=dict(help=(
         'rl with --target-macs: dual-ascent step, lambda <- max(0, lambda + lr * (batch mean MACs share - target '
         'share)) after every update; 0 keeps lambda fixed')))
     distill_from: str = field(default='', metadata=dict(help=(
@@ -197,6 +198,12 @@ def config_from_args(args) -> TrainConfig:
 
 
 # ---- model ---------------------------------------------------------------------------------------------------------
+def weights_path(spec: str) -> str:
+    """A weights file or exported folder; ``local-dir:<folder>`` (timm's spelling of an exported folder, what
+    ``timm-skipnet eval --model`` takes) names the folder itself."""
+    return spec[len('local-dir:'):] if spec.startswith('local-dir:') else spec
+
+
 def build_model(cfg: TrainConfig, num_classes: int):
     """A SkipNet from a skipnet_* name or any timm ResNet name; returns (model, model_args for config.json)."""
     import timm
@@ -216,7 +223,7 @@ def build_model(cfg: TrainConfig, num_classes: int):
         arch = 'skipnet_from_timm'
     if cfg.initial_checkpoint:
         from .loading import load_weights
-        load_weights(model, cfg.initial_checkpoint)
+        load_weights(model, weights_path(cfg.initial_checkpoint))
     if cfg.reset_gates:
         model.gates.init_weights(cfg.gate_init_bias)
         model.set_gate_thresholds(0.5)
@@ -310,7 +317,7 @@ def build_teacher(cfg: TrainConfig, arch: str, model_args: Dict[str, Any], devic
 
     from .loading import load_weights
     teacher = timm.create_model(arch, **model_args)
-    load_weights(teacher, cfg.distill_from)
+    load_weights(teacher, weights_path(cfg.distill_from))
     return teacher.requires_grad_(False).eval().to(device)
 
 
