@@ -237,6 +237,7 @@ def test_class_names_come_from_the_parquet_schema_or_image_folders(spec, tmp_pat
     assert read_class_names(DataSpec('someone/not-a-local-folder'), 'test') is None
 
 
+@pytest.mark.slow
 def test_cli_analyze_runs_end_to_end_on_a_tiny_slice(model, tmp_path):
     from safetensors.torch import save_file
     ckpt = str(tmp_path / 'model.safetensors')

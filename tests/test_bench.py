@@ -35,6 +35,7 @@ def test_bench_rows_report_ideal_and_measured_speedups():
         assert r['eta'] == pytest.approx(r['speedup_S'] / r['ideal_R'], rel=1e-9)
 
 
+@pytest.mark.slow
 def test_bench_command_sets_its_threads_and_writes_the_printed_rows_as_json(tmp_path, capsys):
     import json
 

@@ -28,7 +28,7 @@ def test_readme_gives_exactly_the_two_setup_commands():
 
 
 # flags the docs name for other programs (accelerate launch, pip, examples/cifar10_report.py)
-_FOREIGN_FLAGS = {'--multi_gpu', '--num_processes', '--upgrade', '--dry-run'}
+_FOREIGN_FLAGS = {'--multi_gpu', '--num_processes', '--upgrade', '--dry-run', '--dist', '--durations'}  # + pytest's
 _DOCS = ('README.md', 'MODEL_CARD.md', 'Makefile', 'examples/cifar10_skipnet38.sh', 'hub_configs/*/README.md')
 
 

@@ -62,7 +62,8 @@ def test_merge_is_gate_times_block_plus_complement_times_shortcut(gate_type):
     assert torch.allclose(trace.logits, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize('name,size', [('skipnet_resnet38_cifar', 32), ('skipnet_resnet50', 64)])
+@pytest.mark.parametrize('name,size', [('skipnet_resnet38_cifar', 32),
+                                       pytest.param('skipnet_resnet50', 64, marks=pytest.mark.slow)])
 @pytest.mark.parametrize('gate_type', ['rnn', 'ff1'])
 @pytest.mark.parametrize('batch', [1, 5])
 def test_sparse_and_dense_execution_agree_in_eval(name, size, gate_type, batch):
@@ -295,6 +296,7 @@ def test_gate_thresholds_travel_with_the_weights_and_older_weights_load_at_one_h
         assert torch.allclose(m.gate_thresholds, model.gate_thresholds, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # bfloat16 convolutions are slow on a CPU
 def test_thresholds_stay_float32_logits_in_a_bfloat16_model_and_split_gates_whose_p_rounds_to_one():
     from timm_skipnet.thresholds import set_threshold_for_rate
     model = timm.create_model('skipnet_resnet38_cifar').eval()
@@ -352,6 +354,7 @@ def test_forced_thresholds_survive_weight_averaging_and_a_meta_model_loads_them_
     assert meta.to(torch.bfloat16).gate_threshold_logits.dtype == torch.float32
 
 
+@pytest.mark.slow  # bfloat16 convolutions are slow on a CPU
 @pytest.mark.parametrize('gate_type', ['rnn', 'ff1'])
 def test_sparse_execution_under_bfloat16_autocast_runs_the_blocks_dense_execution_runs(gate_type):
     model = timm.create_model('skipnet_resnet38_cifar', gate_type=gate_type).eval()

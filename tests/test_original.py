@@ -313,6 +313,7 @@ def test_converted_cifar_ffgate2_checkpoint_without_arch_is_recognised_from_its_
     _assert_reproduces(model, logits, masks, x)
 
 
+@pytest.mark.slow
 def test_converted_imagenet_rnn_checkpoint_reproduces_original_forward(tmp_path):
     # 64 px: spatial sizes 16/8/4/2 after the stem, so the original's fixed pools are global pools as at 224 px
     x = _inputs(4, 64)

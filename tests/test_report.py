@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 REPORT = ROOT / 'examples' / 'cifar10_report.py'
 PUBLISHED = ROOT / 'hub_configs' / 'skipnet_resnet38_cifar.cifar10'
@@ -25,6 +27,7 @@ def _dry_run(runs_dir):
     return out.stdout
 
 
+@pytest.mark.slow  # runs the report script
 def test_without_runs_the_ledger_reproduces_the_published_choice_and_its_numbers(tmp_path):
     report = _report()
     ledger = report.read_ledger()
@@ -56,6 +59,7 @@ def _fake_run(runs, name, initial_checkpoint, epochs, top1=None, macs_mean=57.4e
         (runs / name / 'eval_ft.json').write_text(json.dumps(summary))
 
 
+@pytest.mark.slow  # runs the report script
 def test_a_run_started_from_published_weights_counts_the_published_runs_epochs_and_lineage(tmp_path):
     runs = tmp_path / 'runs'
     (runs / 'pub').mkdir(parents=True)
@@ -73,6 +77,7 @@ def test_a_run_started_from_published_weights_counts_the_published_runs_epochs_a
     assert 'would publish c10_r38_thr_g1_r0.5 (meets the target' in _dry_run(runs)
 
 
+@pytest.mark.slow  # runs the report script
 def test_weights_that_name_no_origin_are_refused_with_what_to_do(tmp_path):
     runs = tmp_path / 'runs'
     (runs / 'init.safetensors').parent.mkdir(parents=True)
@@ -89,6 +94,7 @@ def _publish(runs, tmp_path, out):
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
+@pytest.mark.slow  # runs the report script
 def test_a_ledger_only_choice_keeps_the_published_folder_replots_and_records_live_runs_in_the_ledger(tmp_path):
     import shutil
     shutil.copy(ROOT / 'examples' / 'cifar10_runs.json', tmp_path / 'ledger.json')
@@ -113,6 +119,7 @@ def test_a_ledger_only_choice_keeps_the_published_folder_replots_and_records_liv
     assert out.returncode != 0 and 'has no eval_results.json' in out.stderr
 
 
+@pytest.mark.slow  # runs the report script
 def test_an_origin_chain_that_loops_is_refused_with_the_loop(tmp_path):
     runs = tmp_path / 'runs'
     for a, b in (('a', 'b'), ('b', 'a')):
@@ -124,6 +131,7 @@ def test_an_origin_chain_that_loops_is_refused_with_the_loop(tmp_path):
     assert out.returncode != 0 and 'loops back' in out.stderr
 
 
+@pytest.mark.slow  # runs the report script
 def test_a_skipnet_is_held_to_the_resnet38_of_its_own_lineage_and_budget_which_must_reach_90(tmp_path):
     runs = tmp_path / 'runs'
     # dp family, 100 + 25 = 125 epochs: baseline dp_swa25 (90.22 %); 0.42 below it (0.94 below the 175-epoch best)
@@ -136,6 +144,7 @@ def test_a_skipnet_is_held_to_the_resnet38_of_its_own_lineage_and_budget_which_m
     assert '| c10_r38_long2_kd_a0.7 | 155 | 89.00 |' in out and '| 1.49 (c10_r38_long2_swa) |' in out
 
 
+@pytest.mark.slow  # runs the report script
 def test_a_skipnet_close_to_a_baseline_below_90_does_not_meet_the_target(tmp_path):
     runs = tmp_path / 'runs'
     # long family, 90 + 15 = 105 epochs: its baseline long_base_ft has 89.50 %, under the 90 %

@@ -130,6 +130,7 @@ def _saving(model, batches, table) -> float:
     return 100 * (1 - per_image.mean().item() / table.full_macs)
 
 
+@pytest.mark.slow
 def test_the_budget_search_measures_the_greedy_policy_in_eval_mode_and_a_failed_search_restores_the_thresholds(
         cifar10_dir):
     from timm_skipnet.accounting import measure_mac_table

@@ -119,6 +119,7 @@ def test_grad_checkpointing_gives_the_same_outputs_and_grads(name):
         assert torch.allclose(grads[n], p.grad, rtol=1e-4, atol=1e-5), n
 
 
+@pytest.mark.slow
 def test_torch_compile_dense_matches_eager():
     from tests.helpers import randomize_gates
     model = timm.create_model('skipnet_resnet38_cifar', execution='dense').eval()
