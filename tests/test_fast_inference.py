@@ -26,6 +26,31 @@ def _model(gate_type='rnn', layers=None, seed=0):
     return model
 
 
+@pytest.mark.parametrize('gate_type', ['rnn', 'ff1'])
+def test_a_model_built_under_inference_mode_follows_new_weights_and_thresholds(gate_type):
+    """Inference tensors keep no version counter: loading weights or thresholds must still reach the gates."""
+    x = torch.randn(4, 3, 32, 32)
+    other = _model(gate_type, seed=1)
+    other.set_gate_thresholds([0.3 + 0.02 * k for k in range(other.num_gated_blocks)])
+    weights = copy.deepcopy(other.state_dict())
+    with torch.no_grad():
+        want_batch, want_one = other.forward_with_gates(x).logits, other.forward_with_gates(x[:1]).logits
+        other.set_gate_thresholds(1.0)  # every gate closed
+        want_raised = other.forward_with_gates(x[:1]).logits
+    with torch.inference_mode():
+        model = timm.create_model('skipnet_resnet38_cifar', gate_type=gate_type).eval()
+        model(x[:1])
+        model(x)  # folded copy and threshold rules cached
+        model.load_state_dict(weights)
+        got_batch, got_one = model(x), model(x[:1])
+        model.set_gate_thresholds(1.0)
+        got_raised = model(x[:1])
+    torch.testing.assert_close(got_batch, want_batch)
+    torch.testing.assert_close(got_one, want_one)
+    torch.testing.assert_close(got_raised, want_raised)
+    assert not torch.equal(want_one, want_raised)  # closing every gate changed the answer
+
+
 @pytest.mark.parametrize('gate_type', ['rnn', 'ff1', 'ff2'])
 def test_folded_gates_give_the_unfolded_logits_and_decisions(gate_type):
     model = _model(gate_type)

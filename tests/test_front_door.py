@@ -36,16 +36,21 @@ def test_no_file_speaks_of_numbered_work_sittings():
 def test_pretrained_without_the_hub_names_the_repo_and_the_shipped_folder():
     import timm
 
-    from timm_skipnet.pretrained_errors import explain_missing_pretrained
-    # conftest runs offline (HF_HUB_OFFLINE=1) with an empty Hub cache: the download cannot succeed
+    # conftest runs offline (HF_HUB_OFFLINE=1) with an empty Hub cache: the download cannot succeed, and the
+    # entrypoint itself says what to do
     with pytest.raises(RuntimeError) as info:
-        with explain_missing_pretrained('skipnet_resnet38_cifar', 'cifar10'):
-            timm.create_model('skipnet_resnet38_cifar.cifar10', pretrained=True)
+        timm.create_model('skipnet_resnet38_cifar.cifar10', pretrained=True)
     message = str(info.value)
     assert 'skipnet_resnet38_cifar.cifar10' in message and 'timm-skipnet/skipnet_resnet38_cifar.cifar10' in message
     assert f"timm.create_model('local-dir:{SHIPPED}', pretrained=True)" in message
     model = timm.create_model(f'local-dir:{SHIPPED}', pretrained=True)  # and the advice works
     assert model.num_classes == 10
+
+
+def test_a_converted_base_model_without_the_hub_names_its_timm_repo():
+    import timm
+    with pytest.raises(RuntimeError, match='timm/resnet18.a1_in1k'):
+        timm.create_model('skipnet_from_timm', base_model='resnet18.a1_in1k', base_pretrained=True)
 
 
 def test_the_default_tag_and_a_backbone_tag_name_their_own_repos():

@@ -9,7 +9,9 @@ LSTM cell and head are about a dozen dispatcher calls. In eval mode the gate ban
 * FF gates: each BatchNorm (running statistics) is folded into the convolution before it.
 
 The copy is rebuilt whenever a gate parameter or buffer changes (in-place updates bump tensor versions; moves
-change storage) and dropped when the model goes back to training. Logits agree with the unfolded gates to float
+change storage; loading a state dict drops it) and dropped when the model goes back to training. Tensors made
+under ``torch.inference_mode`` keep no version counter: after editing such weights in place, call ``model.eval()``
+to drop the copy. Logits agree with the unfolded gates to float
 rounding; decisions agree except for a logit within rounding of its threshold.
 """
 from typing import Callable, List, Optional, Tuple
@@ -20,9 +22,14 @@ import torch.nn.functional as F
 GateState = Optional[Tuple[torch.Tensor, torch.Tensor]]
 
 
+def tensor_version(t: torch.Tensor) -> Optional[int]:
+    """The in-place update counter, or None for an inference tensor (``torch.inference_mode`` tracks none)."""
+    return None if t.is_inference() else t._version
+
+
 def _tensor_key(module: torch.nn.Module) -> Tuple:
     tensors = list(module.parameters()) + list(module.buffers())
-    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+    return tuple((t.data_ptr(), tensor_version(t), t.dtype, t.device) for t in tensors)
 
 
 class FoldedCache:

@@ -84,6 +84,10 @@ class RecurrentGates(nn.Module):
         self._folded.clear()
         return super().train(mode)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._folded.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
     def forward(self, index: int, x: torch.Tensor, state: GateState) -> Tuple[torch.Tensor, GateState]:
         e = self.embed[index](x.mean((2, 3)))
         h, c = self.lstm(e, state)
@@ -164,6 +168,10 @@ class FeedForwardGates(nn.Module):
     def train(self, mode: bool = True):
         self._folded.clear()
         return super().train(mode)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._folded.clear()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, index: int, x: torch.Tensor, state: GateState) -> Tuple[torch.Tensor, GateState]:
         return self.gates[index](x), state

@@ -25,8 +25,10 @@ from timm.models._features import feature_take_indices
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from torch.utils.checkpoint import checkpoint
 
+from .folded_gates import tensor_version
 from .gates import create_gates
 from .policy import POLICIES, THRESHOLD_LOGIT_LIMIT, GateDecision, bernoulli_log_prob, decide
+from .pretrained_errors import explain_missing_pretrained
 
 __all__ = ['SkipNetResNet', 'SkipNetTrace', 'convert_to_skipnet', 'checkpoint_filter_fn', 'EXECUTION_MODES']
 
@@ -273,6 +275,7 @@ class SkipNetResNet(ResNet):
             state_dict.setdefault(prefix + 'gate_capacity_sigmas',
                                   torch.tensor(DEFAULT_CAPACITY_SIGMAS, device=device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._rules_key = None
         rates, sigmas = state_dict.get(prefix + 'gate_capacity'), state_dict.get(prefix + 'gate_capacity_sigmas')
         if rates is not None and not rates.is_meta and rates.shape == (self.gates.num_gates,):
             self._capacity_rates = [float(v) for v in rates.tolist()]
@@ -301,6 +304,7 @@ class SkipNetResNet(ResNet):
                              f'block), got {thresholds!r}.')
         self.gate_threshold_logits.copy_(t.clamp(-THRESHOLD_LOGIT_LIMIT, THRESHOLD_LOGIT_LIMIT) if logits
                                          else _threshold_logits(t))
+        self._rules_key = None
 
     @property
     def num_gated_blocks(self) -> int:
@@ -431,7 +435,7 @@ class SkipNetResNet(ResNet):
         """Per gate: None (decide by the logit), or the fixed decision of a threshold forced to 0 (True) or 1 (False).
         Cached against the buffer's version, so a batch-1 call reads no tensor to know it."""
         buf = self.gate_threshold_logits
-        key = (buf.data_ptr(), buf._version)
+        key = (buf.data_ptr(), tensor_version(buf))
         if getattr(self, '_rules_key', None) != key:
             values = buf.tolist()
             self._rules = [True if v <= -THRESHOLD_LOGIT_LIMIT else False if v >= THRESHOLD_LOGIT_LIMIT else None
@@ -683,13 +687,14 @@ def _check_feature_cls(kwargs: Dict[str, Any]) -> None:
 def _create_skipnet(variant: str, pretrained: bool = False, **kwargs) -> SkipNetResNet:
     _check_feature_cls(kwargs)
     n_taps = 1 + len(kwargs['layers'])
-    return build_model_with_cfg(
-        SkipNetResNet, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        # the gates' recurrent state crosses stage boundaries: features come from forward_intermediates
-        feature_cfg=dict(feature_cls='getter', out_indices=tuple(range(n_taps))),
-        **kwargs,
-    )
+    with explain_missing_pretrained(variant, kwargs.get('pretrained_cfg')):
+        return build_model_with_cfg(
+            SkipNetResNet, variant, pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            # the gates' recurrent state crosses stage boundaries: features come from forward_intermediates
+            feature_cfg=dict(feature_cls='getter', out_indices=tuple(range(n_taps))),
+            **kwargs,
+        )
 
 
 HUB_ORG = 'timm-skipnet'  # the Hugging Face organisation holding trained SkipNet weights
@@ -818,7 +823,8 @@ class _ConvertedResNet:
         import timm
         if base_model.startswith('skipnet_'):
             raise ValueError(f"base_model must be a plain timm ResNet name (e.g. 'resnet50d'), got {base_model!r}.")
-        base = timm.create_model(base_model, pretrained=base_pretrained, **kwargs)
+        with explain_missing_pretrained(base_model):
+            base = timm.create_model(base_model, pretrained=base_pretrained, **kwargs)
         return convert_to_skipnet(base, gate_type, gate_init_bias, gate_policy, execution)
 
 
