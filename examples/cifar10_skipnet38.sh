@@ -9,7 +9,8 @@
 #   ft        + 25 epochs of ft under the learned gates (frozen), distilled from the teacher, averaged by SWA (135)
 #   paper     (optional, not in the default) the paper's CIFAR schedule: sp 64k updates, then rl at lr 1e-4, alpha 0.1
 #   budget    (optional) rl to a compute budget instead of alpha: for each T in $TARGETS (shares of the full MACs),
-#             4 epochs of --target-macs T from the shipped backbone with fresh gates (docs/target_macs.md)
+#             the rl step with --target-macs T instead of --alpha, from the shipped backbone with fresh gates
+#             (docs/target_macs.md)
 # Then `.venv/bin/python examples/cifar10_report.py` chooses, exports to hub_configs/, plots and times. Every step
 # checkpoints each epoch and resumes where it stopped. About 5 h on a 2-core CPU with bf16 (avx512_bf16). How this
 # recipe was found, with the commands of every other run: docs/experiments/cifar10.md.
@@ -55,8 +56,8 @@ for step in "${steps[@]}"; do
                   --steps 10000 --lr 1e-4 --sched none --weight-decay 1e-4 --alpha 0.1 --amp no ;;
     budget)   for T in $TARGETS; do
                 run "c10_r38_shipped_rl_t$T" --stage rl --seed 0 --initial-checkpoint "$SHIPPED" --reset-gates \
-                  --gate-init-bias 0 --epochs 4 --lr 0.01 --weight-decay 1e-4 --sched cosine --rl-baseline batch_mean \
-                  --rl-warmup-epochs 1 --drop-path 0.1 --eval-every-epochs 2 --target-macs "$T" --macs-lambda-init 0.7
+                  --gate-init-bias 0 --epochs 10 --lr 0.01 --weight-decay 1e-4 --sched cosine --rl-baseline batch_mean \
+                  --rl-warmup-epochs 3 --drop-path 0.1 --eval-every-epochs 5 --target-macs "$T" --macs-lambda-init 0.7
               done ;;
     *) echo "unknown step '$step' (backbone, teacher, baseline, rl, ft, paper, budget)" >&2; exit 2 ;;
   esac

@@ -100,3 +100,30 @@ def test_bench_refuses_a_cuda_device_it_cannot_see_with_the_fix():
     args = parser.parse_args(['bench', '--device', 'cuda'])
     with pytest.raises(SystemExit, match='no CUDA device.*--device cpu'):
         args.func(args)
+
+
+@pytest.mark.parametrize('gate_type', ['rnn', 'ff1'])
+def test_each_timed_variant_runs_its_own_gates_after_another_variant_changed_them(gate_type):
+    """The benchmark builds its models under inference_mode and switches gate weights in place between variants:
+    the timed (folded, untraced) call must follow each switch, or the rate-0.5 row would time every block."""
+    from timm_skipnet.accounting import measure_mac_table
+    from timm_skipnet.bench import _variants
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        skip = timm.create_model('skipnet_resnet38_cifar', gate_type=gate_type).eval()
+        plain = timm.create_model('skipnet_resnet38_cifar', gate_type=gate_type).eval()
+        x, calib = torch.randn(8, 3, 32, 32), torch.randn(16, 3, 32, 32)
+        variants = _variants(plain, skip, x, 0.5, measure_mac_table(skip, (3, 32, 32)), [], calib)
+        ran = []
+        blocks = [b for stage in (skip.layer1, skip.layer2, skip.layer3) for b in stage]
+        for b in blocks:
+            b.conv1.register_forward_hook(lambda m, i, o: ran.append(i[0].shape[0]))
+        for name in ('SkipNet, all gates open', 'SkipNet sparse, rate 0.5', 'SkipNet, all gates open',
+                     'SkipNet sparse, rate 0.5'):
+            ran.clear()
+            variants[name]()
+            timed = sum(ran)
+            expected = skip.forward_with_gates(x).actions.sum().item() + x.shape[0]  # block 0 is never gated
+            assert timed == expected, name
+            if 'rate' in name:
+                assert 0 < expected - x.shape[0] < skip.num_gated_blocks * x.shape[0]

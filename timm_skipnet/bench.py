@@ -136,6 +136,9 @@ def _variants(plain, skip, x, rate, table, macs_seen, calib) -> Dict:
             for layer, (w, b) in zip(layers, calibrated):
                 layer.weight.copy_(w)
                 layer.bias.copy_(b)
+        # the models were built under inference_mode, whose tensors count no in-place updates: eval() drops the
+        # folded gates so the next call folds the weights just copied
+        skip.eval()
         state['p'] = p
 
     def gated(execution, p):
