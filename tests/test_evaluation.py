@@ -4,7 +4,7 @@ import torch
 
 import timm_skipnet  # noqa: F401
 from tests.helpers import randomize_gates
-from timm_skipnet.evaluation import collect
+from timm_skipnet.evaluation import collect, static_overflow, summarize
 
 
 def test_evaluation_runs_only_the_chosen_blocks_even_after_training_forced_dense_execution():
@@ -66,3 +66,40 @@ def test_eval_command_reports_what_a_dense_forward_and_the_mac_table_give_for_th
     assert summary['macs_reduction_pct'] > 30  # the shipped model skips: the count is not the full model's
     assert summary['executed_blocks_mean'] == pytest.approx(1 + actions.sum(1).double().mean().item(), abs=1e-12)
     assert [round(r * 64) for r in summary['gate_execution_rates']] == actions.sum(0).tolist()
+
+
+def test_static_overflow_counts_batches_gates_and_shortcut_decisions_by_hand():
+    actions = torch.zeros(17, 2)  # two whole batches of 8, the 17th image left out
+    actions[[0, 1, 2], 0] = 1  # batch 1: three images run gate 0, one more than its capacity of 2
+    actions[[8, 9], 0] = 1  # batch 2: two, within it
+    actions[:, 1] = 1  # gate 1 runs every image, capacity the whole batch
+    actions[16, 0] = 1  # in no whole batch
+
+    def capacity_for(k, b):
+        return 2 if k == 0 else b
+
+    report = static_overflow(actions, capacity_for, batch_sizes=(8, 64))
+    assert list(report) == ['8']  # no whole batch of 64
+    assert report['8'] == dict(batches=2, batches_overflowing_pct=50.0, gate_overflow_pct=[50.0, 0.0],
+                               shortcut_decisions_pct=100.0 * 1 / (16 * 2))
+
+
+def test_eval_overflow_report_equals_the_fallbacks_static_execution_counts():
+    torch.manual_seed(0)
+    model = timm.create_model('skipnet_resnet38_cifar').eval()
+    randomize_gates(model)
+    x = torch.randn(32, 3, 32, 32)
+    with torch.no_grad():
+        actions = model.forward_with_gates(x).actions
+        model.set_gate_capacity(actions.mean(0).clamp(0.05, 0.95).tolist(), sigmas=0.0, overflow='exact')
+        model.set_execution('static')
+        model.gate_overflow.zero_()
+        for i in range(0, 32, 8):
+            model(x[i:i + 8])
+    from timm_skipnet.accounting import measure_mac_table
+    results = dict(preds=torch.zeros(32, dtype=torch.long), labels=torch.zeros(32, dtype=torch.long),
+                   actions=actions)
+    report = summarize(results, measure_mac_table(model), capacity_for=model.gate_capacity_for)['static_overflow']
+    fallbacks = torch.tensor(report['8']['gate_overflow_pct']) * 4 / 100
+    assert fallbacks.sum() > 0  # some gate overflows at these capacities
+    assert torch.equal(fallbacks.round().long(), model.gate_overflow)

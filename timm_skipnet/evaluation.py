@@ -1,6 +1,6 @@
 """Accuracy and exact compute of a SkipNet over a dataset: top-1, MACs per image, per-gate execution rates, how
 per-image the policy is, and (for a model trained to a budget) how far its MACs landed from the target."""
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -66,6 +66,27 @@ def policy_diversity(actions: torch.Tensor) -> Dict:
                 distinct_paths=int(counts.numel()), most_common_path_pct=100.0 * int(counts.max()) / paths.shape[0])
 
 
+def static_overflow(actions: torch.Tensor, capacity_for: Callable[[int, int], int],
+                    batch_sizes: Sequence[int] = (8, 64, 256)) -> Dict:
+    """How often static execution (the compiled path) would find more images running a block than its capacity,
+    for the images in order cut into batches of each size (whole batches only). ``overflow='exact'`` runs such a
+    block on the whole batch (same result, less speed); ``'shortcut'`` sends the excess images down the shortcut:
+    ``shortcut_decisions_pct`` is the share of (image, gate) decisions that rule would change."""
+    n, k = actions.shape
+    report = {}
+    for b in batch_sizes:
+        m = n // b
+        if m == 0 or k == 0:
+            continue
+        running = actions[:m * b].round().reshape(m, b, k).sum(1)
+        capacity = torch.tensor([capacity_for(j, b) for j in range(k)], dtype=running.dtype)
+        excess = (running - capacity).clamp(min=0)
+        report[str(b)] = dict(batches=m, batches_overflowing_pct=100.0 * (excess.sum(1) > 0).double().mean().item(),
+                              gate_overflow_pct=(100.0 * (excess > 0).double().mean(0)).tolist(),
+                              shortcut_decisions_pct=100.0 * excess.sum().item() / (m * b * k))
+    return report
+
+
 def target_report(macs_mean: float, target_macs: float, full_macs: float) -> Dict:
     """Where the mean landed against the budget a model was trained to: + above it, - below."""
     return dict(target_macs=float(target_macs), target_macs_pct_of_full=100.0 * target_macs / full_macs,
@@ -73,9 +94,11 @@ def target_report(macs_mean: float, target_macs: float, full_macs: float) -> Dic
                 macs_over_target_points=100.0 * (macs_mean - target_macs) / full_macs)
 
 
-def summarize(results: Dict, table: MacTable, target_macs: Optional[float] = None) -> Dict:
+def summarize(results: Dict, table: MacTable, target_macs: Optional[float] = None,
+              capacity_for: Optional[Callable[[int, int], int]] = None) -> Dict:
     """JSON-ready report: accuracy, MACs distribution, reduction, the paper's CP, per-gate execution rates, how
-    per-image the policy is; with ``target_macs`` (MACs per image) also the distance to that budget."""
+    per-image the policy is; with ``target_macs`` (MACs per image) also the distance to that budget; with
+    ``capacity_for`` (the model's ``gate_capacity_for``) how often its static capacity overflows."""
     actions = results['actions']
     if actions.shape[0] == 0:
         raise RuntimeError(f"No image could be evaluated ({results.get('num_bad_images', 0)} undecodable): check the "
@@ -108,6 +131,8 @@ def summarize(results: Dict, table: MacTable, target_macs: Optional[float] = Non
     )
     if target_macs is not None:
         summary.update(target_report(summary['macs_mean'], target_macs, table.full_macs))
+    if capacity_for is not None:
+        summary['static_overflow'] = static_overflow(actions, capacity_for)
     return summary
 
 
@@ -135,6 +160,10 @@ def format_summary(s: Dict) -> str:
         lines.append(f"| MACs / image vs trained target | {s['macs_mean'] / 1e6:.2f} M vs "
                      f"{s['target_macs'] / 1e6:.2f} M ({s['target_macs_pct_of_full']:.1f} % of full): "
                      f"{s['macs_over_target_pct']:+.1f} % ({s['macs_over_target_points']:+.1f} points of full) |")
+    for b, o in s.get('static_overflow', {}).items():
+        lines.append(f"| static capacity overflow, batches of {b} | {o['batches_overflowing_pct']:.1f} % of "
+                     f"{o['batches']} batches ('shortcut' would change {o['shortcut_decisions_pct']:.2f} % of "
+                     f"decisions) |")
     return '\n'.join(lines)
 
 
@@ -152,7 +181,8 @@ def main(args) -> Dict:
         target = MacsBudget.from_target(table, args.target_macs).target_macs
     else:
         target = recorded_target(args.model, args.checkpoint)
-    summary = summarize(collect(model, loader, progress=True), table, target_macs=target)
+    summary = summarize(collect(model, loader, progress=True), table, target_macs=target,
+                        capacity_for=getattr(model, "gate_capacity_for", None))
     summary.update(model=args.model, checkpoint=args.checkpoint or None, dataset=args.dataset, split=split)
     print(format_summary(summary))
     if args.output:
