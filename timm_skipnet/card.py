@@ -73,7 +73,8 @@ def write_model_card(folder: str, eval_summary: Optional[Dict] = None, train_con
     lines += ['## Limitations', '',
               '- Needs `import timm_skipnet` before `timm.create_model`; the Hub widget cannot run it.',
               '- Real skipping runs blocks on sub-batches: wall-clock gains depend on batch size and hardware '
-              '(see the project\'s docs/performance.md); under `torch.compile` use `execution="dense"`.',
+              '(see the project\'s docs/performance.md); under `torch.compile(fullgraph=True)` it runs a static-shape '
+              'path that still skips, sized by the gate capacity saved with the weights.',
               '- Accuracy and compute are measured on the stated test split only.', '',
               '## Citation', '', '```bibtex', CITATION, '```', '']
     path = os.path.join(folder, 'README.md')
