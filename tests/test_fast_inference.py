@@ -264,3 +264,15 @@ def test_models_build_and_run_on_the_meta_device_in_train_and_eval(name, gate_ty
             assert model.train()(torch.randn(batch, 3, size, size)).shape == (batch, classes)
         feats = model.eval().forward_intermediates(torch.randn(2, 3, size, size), intermediates_only=True)
         assert [f.shape[1] for f in feats] == [info['num_chs'] for info in model.feature_info]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device (runs on GPU hosts)')
+@pytest.mark.parametrize('gate_type', ['rnn', 'ff1'])
+def test_folded_gates_run_on_cuda_and_decide_as_the_traced_gates(gate_type):
+    """CUDA's fused LSTM cell refuses one bias without the other: the folded RNN gate once crashed every eager
+    GPU inference ("sym_strides() called on an undefined Tensor")."""
+    model = _model(gate_type).cuda()
+    x = torch.randn(16, 3, 32, 32, device='cuda')
+    with torch.no_grad():
+        trace = model.forward_with_gates(x)
+        torch.testing.assert_close(model(x), trace.logits, rtol=1e-4, atol=1e-4)

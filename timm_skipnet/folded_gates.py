@@ -65,6 +65,9 @@ class FoldedRecurrentGates:
         self.w_in: List[torch.Tensor] = [(w_ih @ e.weight.double()).to(dtype) for e in bank.embed]
         self.b_in: List[torch.Tensor] = [(w_ih @ e.bias.double() + bias).to(dtype) for e in bank.embed]
         self.w_hh = lstm.weight_hh.detach().clone()
+        # both biases are folded into b_in; CUDA's fused cell needs b_hh given whenever b_ih is (else it fails with
+        # "sym_strides() called on an undefined Tensor")
+        self.b_hh = torch.zeros_like(lstm.bias_hh.detach())
         self.head_w = bank.head.weight.detach().t().contiguous()  # (H, 1)
         self.head_b = bank.head.bias.detach().clone()
         self.hidden_dim = bank.hidden_dim
@@ -81,7 +84,7 @@ class FoldedRecurrentGates:
     def __call__(self, index: int, x: torch.Tensor, state: GateState) -> Tuple[torch.Tensor, GateState]:
         # bf16 / fp16 activations are pooled with float32 accumulation, into the weights' dtype
         pooled = x.mean((2, 3)) if x.dtype == self.dtype else x.mean((2, 3), dtype=self.dtype)
-        h, c = torch.lstm_cell(pooled, state, self.w_in[index], self.w_hh, self.b_in[index])
+        h, c = torch.lstm_cell(pooled, state, self.w_in[index], self.w_hh, self.b_in[index], self.b_hh)
         return torch.addmm(self.head_b, h, self.head_w).squeeze(1), (h, c)
 
 

@@ -1,0 +1,86 @@
+"""SkipNet-38 trained to a MACs budget (`--target-macs`) against the alpha-trained rl stages of the ledger.
+
+    bash examples/cifar10_skipnet38.sh budget            # the three runs (runs/c10_r38_shipped_rl_t<T>)
+    .venv/bin/python docs/experiments/target_macs_plot.py  # table to stdout, docs/cifar10_target_macs.png
+
+Reads each budget run's final evaluation (`eval_rl.json`) and the rl-stage runs recorded in
+examples/cifar10_runs.json (the alpha sweep: the rl stage only, before any ft, so both sides are compared at the
+same stage).
+"""
+import glob
+import json
+import os
+import re
+
+LEDGER = 'examples/cifar10_runs.json'
+BACKBONES = {'c10_r38_base': '50-epoch backbone', 'c10_r38_long': '90-epoch backbone',
+             'c10_r38_long2': '140-epoch backbone', 'c10_r38_dp': '100-epoch backbone, drop path'}
+
+
+def alpha_runs():
+    """(backbone label, alpha, share of full MACs %, top-1) of every rl stage trained with --alpha."""
+    runs = json.load(open(LEDGER))['runs']
+    points = []
+    for name, r in runs.items():
+        m = re.fullmatch(r'c10_r38_(?:\w+_)?rl_a([\d.]+)(?:_w3)?', name)
+        if not m:
+            continue
+        s = r['summary']
+        points.append((BACKBONES.get(r['lineage'][1], r['lineage'][1]), float(m.group(1)),
+                       100.0 * s['macs_mean'] / s['macs_full'], s['top1'], name))
+    return points
+
+
+def budget_runs(root='runs'):
+    rows = []
+    for d in sorted(glob.glob(os.path.join(root, 'c10_r38_shipped_rl_t*'))):
+        path = os.path.join(d, 'eval_rl.json')
+        if not os.path.exists(path):
+            continue
+        s = json.load(open(path))
+        rows.append(dict(name=os.path.basename(d), target_pct=s['target_macs_pct_of_full'],
+                         macs_pct=100.0 * s['macs_mean'] / s['macs_full'], top1=s['top1'],
+                         over_points=s['macs_over_target_points'], varying=s['varying_gates'],
+                         paths=s['distinct_paths'], common=s['most_common_path_pct'],
+                         rates=s['gate_execution_rates']))
+    return rows
+
+
+def main():
+    alphas, budgets = alpha_runs(), budget_runs()
+    print('| run | trained to | MACs (% of full) | top-1 (%) | gates deciding per image | distinct paths |')
+    print('|---|---|---:|---:|---:|---:|')
+    for b in budgets:
+        print(f"| {b['name']} | target {b['target_pct']:.0f} % | {b['macs_pct']:.1f} "
+              f"({b['over_points']:+.1f} points) | {b['top1']:.2f} | {b['varying']} of {len(b['rates'])} | "
+              f"{b['paths']} (most common {b['common']:.1f} %) |")
+    for label, alpha, macs, top1, name in sorted(alphas, key=lambda p: p[2]):
+        print(f'| {name} | alpha {alpha:g} ({label}) | {macs:.1f} | {top1:.2f} | | |')
+    for b in budgets:
+        print(f"{b['name']} per-gate execution rates: {' '.join(f'{r:.2f}' for r in b['rates'])}")
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for label in dict.fromkeys(p[0] for p in alphas):
+        pts = sorted((p for p in alphas if p[0] == label), key=lambda p: p[2])
+        ax.plot([p[2] for p in pts], [p[3] for p in pts], 'o', label=f'--alpha, rl stage ({label})')
+        for p in pts:
+            ax.annotate(f'{p[1]:g}', (p[2], p[3]), xytext=(4, 3), textcoords='offset points', fontsize=7)
+    if budgets:
+        ax.plot([b['macs_pct'] for b in budgets], [b['top1'] for b in budgets], '*', ms=14, color='black',
+                label='--target-macs, rl stage (from the shipped backbone)')
+        for b in budgets:
+            ax.axvline(b['target_pct'], ls=':', color='black', lw=1)
+    ax.set_xlabel('MACs per image, % of the full ResNet-38 (exact, gates included); dotted: the targets')
+    ax.set_ylabel('top-1 on the 10,000 test images (%)')
+    ax.set_title('SkipNet-38, CIFAR-10: rl to a MACs budget vs the alpha sweep')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc='lower right')
+    fig.tight_layout()
+    fig.savefig('docs/cifar10_target_macs.png', dpi=120)
+    print('wrote docs/cifar10_target_macs.png')
+
+
+if __name__ == '__main__':
+    main()
