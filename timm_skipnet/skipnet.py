@@ -105,8 +105,11 @@ def _block_and_shortcut(block: nn.Module, x: torch.Tensor,
 def _fixed_layout(x: torch.Tensor) -> torch.Tensor:
     """Under compile, one memory layout for every ``torch.cond`` operand and branch output: inductor's conv layout
     optimisation may otherwise hand a branch graph a channels-last tensor it was not traced for, and both branches
-    must return the same strides. Eager calls keep their layout."""
-    return x.contiguous(memory_format=torch.channels_last) if torch.compiler.is_compiling() else x
+    must return the same strides. Eager calls and export (no inductor: the layout would only add transposes) keep
+    their layout."""
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def _mix(run: torch.Tensor, y: torch.Tensor, short: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,70 @@
+"""onnxruntime latency of an exported SkipNet against the same weights exported as the plain ResNet (every gate
+open, no gate computed), batch 1 on real test images, the two sessions interleaved; prints a table.
+
+    python examples/onnx_speed.py --model local-dir:hub_configs/skipnet_resnet38_cifar.cifar10 \
+        --data ../shared/data/cifar10/plain --threads 2
+"""
+import argparse
+import copy
+import os
+import statistics
+import tempfile
+import time
+
+import timm
+import torch
+
+import timm_skipnet  # noqa: F401
+from timm_skipnet.accounting import measure_mac_table
+from timm_skipnet.data import DataSpec, build_transforms, make_loader
+from timm_skipnet.onnx_export import count_if_nodes, export_onnx, onnx_session
+
+
+def images_per_second(session, xs) -> float:
+    name = session.get_inputs()[0].name
+    session.run(None, {name: xs[:1]})
+    t0 = time.perf_counter()
+    for i in range(len(xs)):
+        session.run(None, {name: xs[i:i + 1]})
+    return len(xs) / (time.perf_counter() - t0)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--model', default='local-dir:hub_configs/skipnet_resnet38_cifar.cifar10')
+    p.add_argument('--data', default=os.environ.get('CIFAR10_DIR', '../shared/data/cifar10/plain'))
+    p.add_argument('--images', type=int, default=200)
+    p.add_argument('--rounds', type=int, default=3)
+    p.add_argument('--threads', type=int, default=2)
+    args = p.parse_args()
+    model = timm.create_model(args.model, pretrained=True).eval()
+    plain = copy.deepcopy(model)
+    plain.set_gate_policy('open')
+    loader = make_loader(DataSpec(args.data), 'test', build_transforms(model, False), 100, limit=args.images)
+    xs = torch.cat([x for x, _, _ in loader if x is not None])
+    with torch.no_grad():
+        actions = model.forward_with_gates(xs).actions
+    table = measure_mac_table(model)
+    ideal = table.full_macs / table.per_image_macs(actions).mean().item()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {name: export_onnx(m, os.path.join(tmp, f'{name}.onnx')) for name, m in (('skipnet', model),
+                                                                                          ('plain', plain))}
+        sessions = {name: onnx_session(path, threads=args.threads) for name, path in paths.items()}
+        ifs = {name: count_if_nodes(path) for name, path in paths.items()}
+        rates = {name: [] for name in sessions}
+        for _ in range(args.rounds):
+            for name, s in sessions.items():
+                rates[name].append(images_per_second(s, xs.numpy()))
+    med = {name: statistics.median(r) for name, r in rates.items()}
+    import onnxruntime
+    print(f'# {args.model}, onnxruntime {onnxruntime.__version__} CPU, {args.threads} threads, torch '
+          f'{torch.__version__}, batch 1, {len(xs)} test images, medians of {args.rounds} interleaved rounds')
+    print('| export | If nodes | images/s | measured S | ideal R |')
+    print('|---|---:|---:|---:|---:|')
+    print(f"| plain ResNet (every gate open) | {ifs['plain']} | {med['plain']:.0f} | 1.00x | 1.00x |")
+    print(f"| SkipNet (greedy gates, If per block) | {ifs['skipnet']} | {med['skipnet']:.0f} | "
+          f"{med['skipnet'] / med['plain']:.2f}x | {ideal:.2f}x |")
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,63 @@
+"""ONNX export keeps the skipping and the results: checked in onnxruntime against the eager model."""
+import os
+
+import pytest
+import timm
+import torch
+
+import timm_skipnet  # noqa: F401
+from tests.helpers import randomize_bn, randomize_gates
+from timm_skipnet.cli import main as cli
+from timm_skipnet.onnx_export import count_if_nodes, export_onnx, onnx_logits, onnx_session
+
+pytest.importorskip('onnxruntime', reason="the 'onnx' extra (installed by make test)")
+SHIPPED = 'local-dir:hub_configs/skipnet_resnet38_cifar.cifar10'
+
+
+@pytest.mark.slow  # one export (about 15-25 s on a 2-core CPU)
+def test_the_shipped_model_exported_at_batch_1_skips_blocks_in_onnxruntime_as_eager_does(cifar10_dir, tmp_path,
+                                                                                          capsys):
+    path = str(tmp_path / 'hub' / 'model.onnx')
+    cli(['export-onnx', '--model', SHIPPED, '--output', path, '--data', cifar10_dir, '--check-images', '32'])
+    assert 'batch 1, 17 If nodes' in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / 'hub')) == ['model.onnx']  # no temporary file left beside it
+    model = timm.create_model(SHIPPED, pretrained=True).eval()
+    assert count_if_nodes(path) == model.num_gated_blocks  # every gated block behind its own If
+    from timm_skipnet.data import DataSpec, build_transforms, make_loader
+    x = torch.cat([b for b, _, _ in make_loader(DataSpec(cifar10_dir), 'test', build_transforms(model, False), 16,
+                                                limit=32)])
+    with torch.no_grad():
+        trace = model.forward_with_gates(x)
+        model.set_gate_policy('open')
+        every_block = model(x)
+    assert trace.actions.sum(1).unique().numel() > 1  # the images take different paths
+    got = onnx_logits(onnx_session(path, threads=1), x)
+    torch.testing.assert_close(got, trace.logits, rtol=1e-4, atol=1e-4)
+    assert (got - every_block).abs().amax(1).min() > 1e-2  # onnxruntime skipped blocks: not the every-block output
+
+
+@pytest.mark.slow
+def test_an_export_at_batch_4_keeps_exact_results_when_gates_overflow_their_capacity(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model('skipnet_resnet38_cifar').eval()
+    randomize_gates(model)
+    randomize_bn(model)
+    model.set_gate_capacity(0.25, sigmas=0.0, overflow='exact')  # room for one image of four: some batches overflow
+    path = export_onnx(model, str(tmp_path / 'b4.onnx'), batch_size=4)
+    x = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        trace = model.forward_with_gates(x)
+    running = trace.actions.reshape(4, 4, -1).sum(1)
+    assert (running > 1).any() and (running <= 1).any()  # both the capacity path and the fallback are taken
+    torch.testing.assert_close(onnx_logits(onnx_session(path, threads=1), x), trace.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_onnx_logits_refuse_a_batch_the_graph_cannot_take(tmp_path):
+    class FixedBatch:
+        def get_inputs(self):
+            return [type('I', (), {'shape': [4, 3, 32, 32], 'name': 'pixel_values'})()]
+
+    with pytest.raises(ValueError, match='batches of 4'):
+        onnx_logits(FixedBatch(), torch.zeros(6, 3, 32, 32))
+    with pytest.raises(ValueError, match='batch_size must be >= 1'):
+        export_onnx(timm.create_model('skipnet_resnet38_cifar'), str(tmp_path / 'x.onnx'), batch_size=0)
