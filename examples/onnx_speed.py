@@ -1,5 +1,5 @@
 """onnxruntime latency of an exported SkipNet against the same weights exported as the plain ResNet (every gate
-open, no gate computed), batch 1 on real test images, the two sessions interleaved; prints a table.
+open, no gate computed), batch 1 on real test images, the two runtimes interleaved; prints a table.
 
     python examples/onnx_speed.py --model local-dir:hub_configs/skipnet_resnet38_cifar.cifar10 \
         --data ../shared/data/cifar10/plain --threads 2
@@ -20,12 +20,12 @@ from timm_skipnet.data import DataSpec, build_transforms, make_loader
 from timm_skipnet.onnx_export import count_if_nodes, export_onnx, onnx_session
 
 
-def images_per_second(session, xs) -> float:
-    name = session.get_inputs()[0].name
-    session.run(None, {name: xs[:1]})
+def images_per_second(ort_session, xs) -> float:
+    name = ort_session.get_inputs()[0].name
+    ort_session.run(None, {name: xs[:1]})
     t0 = time.perf_counter()
     for i in range(len(xs)):
-        session.run(None, {name: xs[i:i + 1]})
+        ort_session.run(None, {name: xs[i:i + 1]})
     return len(xs) / (time.perf_counter() - t0)
 
 
@@ -49,11 +49,11 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         paths = {name: export_onnx(m, os.path.join(tmp, f'{name}.onnx')) for name, m in (('skipnet', model),
                                                                                           ('plain', plain))}
-        sessions = {name: onnx_session(path, threads=args.threads) for name, path in paths.items()}
+        ort_sessions = {name: onnx_session(path, threads=args.threads) for name, path in paths.items()}
         ifs = {name: count_if_nodes(path) for name, path in paths.items()}
-        rates = {name: [] for name in sessions}
+        rates = {name: [] for name in ort_sessions}
         for _ in range(args.rounds):
-            for name, s in sessions.items():
+            for name, s in ort_sessions.items():
                 rates[name].append(images_per_second(s, xs.numpy()))
     med = {name: statistics.median(r) for name, r in rates.items()}
     import onnxruntime

@@ -41,7 +41,7 @@ def export_onnx(model, path: str, batch_size: int = 1, input_size: Optional[Sequ
 
 
 def onnx_session(path: str, threads: int = 0):
-    """An onnxruntime CPU session (``threads`` intra-op threads; 0: onnxruntime's default)."""
+    """An onnxruntime CPU InferenceSession (``threads`` intra-op threads; 0: onnxruntime's default)."""
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -50,14 +50,14 @@ def onnx_session(path: str, threads: int = 0):
     return ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
 
 
-def onnx_logits(session, x: torch.Tensor) -> torch.Tensor:
+def onnx_logits(ort_session, x: torch.Tensor) -> torch.Tensor:
     """Logits of an exported model for ``x``, batch by batch at the graph's fixed batch size."""
     import numpy as np
-    batch = session.get_inputs()[0].shape[0]
+    batch = ort_session.get_inputs()[0].shape[0]
     if x.shape[0] % batch:
         raise ValueError(f'the ONNX graph takes batches of {batch}; got {x.shape[0]} images, not a multiple of it.')
-    name = session.get_inputs()[0].name
-    outs = [session.run(None, {name: x[i:i + batch].numpy()})[0] for i in range(0, x.shape[0], batch)]
+    name = ort_session.get_inputs()[0].name
+    outs = [ort_session.run(None, {name: x[i:i + batch].numpy()})[0] for i in range(0, x.shape[0], batch)]
     return torch.from_numpy(np.concatenate(outs))
 
 
