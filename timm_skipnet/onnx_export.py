@@ -70,8 +70,7 @@ def count_if_nodes(path: str) -> int:
 def main(args) -> None:
     """``timm-skipnet export-onnx``: write the ONNX file and check it against the eager model in onnxruntime."""
     from .loading import load_model
-    model = load_model(args.model, args.checkpoint, pretrained=args.pretrained or args.model.startswith(
-        ('local-dir:', 'hf-hub:'))).eval()
+    model = load_model(args.model, args.checkpoint, pretrained=args.pretrained).eval()
     path = export_onnx(model, args.output, batch_size=args.batch_size)
     size = tuple(model.pretrained_cfg.get('input_size') or (3, 224, 224))
     if args.data:
