@@ -11,6 +11,10 @@
 #   budget    (optional) rl to a compute budget instead of alpha: for each T in $TARGETS (shares of the full MACs),
 #             the rl step with --target-macs T instead of --alpha, from the shipped backbone with fresh gates
 #             (docs/target_macs.md)
+#   budget-alpha  (optional) the same rl step from the same start with --alpha A for each A in $ALPHAS: the alpha
+#             runs the budget runs are compared with, like for like
+#   budget-ft (optional) the same short ft ($FT_EPOCHS epochs, gates frozen, distilled from the shipped model with every
+#             gate open, averaged by SWA) after every budget and budget-alpha run
 # Then `.venv/bin/python examples/cifar10_report.py` chooses, exports to hub_configs/, plots and times. Every step
 # checkpoints each epoch and resumes where it stopped. About 5 h on a 2-core CPU with bf16 (avx512_bf16). How this
 # recipe was found, with the commands of every other run: docs/experiments/cifar10.md.
@@ -18,7 +22,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${CIFAR10_DIR:-../shared/data/cifar10/plain} RUNS=${RUNS:-runs} PY=${PYTHON:-.venv/bin/python}
-ALPHA=${ALPHA:-0.7} SEED=${SEED:-0} TARGETS=${TARGETS:-0.7 0.55 0.4}
+ALPHA=${ALPHA:-0.7} SEED=${SEED:-0} TARGETS=${TARGETS:-0.7 0.55 0.4} ALPHAS=${ALPHAS:-1.0 0.75}
+FT_EPOCHS=${FT_EPOCHS:-5}
 SHIPPED=local-dir:hub_configs/skipnet_resnet38_cifar.cifar10
 # TRAIN_EXTRA: trainer flags for this machine (e.g. "--workers 4" on a GPU host); none change the recipe
 # shellcheck disable=SC2206
@@ -59,6 +64,17 @@ for step in "${steps[@]}"; do
                   --gate-init-bias 0 --epochs 10 --lr 0.01 --weight-decay 1e-4 --sched cosine --rl-baseline batch_mean \
                   --rl-warmup-epochs 3 --drop-path 0.1 --eval-every-epochs 5 --target-macs "$T" --macs-lambda-init 0.7
               done ;;
-    *) echo "unknown step '$step' (backbone, teacher, baseline, rl, ft, paper, budget)" >&2; exit 2 ;;
+    budget-alpha) for A in $ALPHAS; do
+                run "c10_r38_shipped_rl_a$A" --stage rl --seed 0 --initial-checkpoint "$SHIPPED" --reset-gates \
+                  --gate-init-bias 0 --epochs 10 --lr 0.01 --weight-decay 1e-4 --sched cosine --rl-baseline batch_mean \
+                  --rl-warmup-epochs 3 --drop-path 0.1 --eval-every-epochs 5 --alpha "$A"
+              done ;;
+    budget-ft) for rl_run in $(for T in $TARGETS; do echo "t$T"; done) $(for A in $ALPHAS; do echo "a$A"; done); do
+                run "c10_r38_shipped_ft${FT_EPOCHS}_$rl_run" --stage ft --seed 0 \
+                  --initial-checkpoint "$RUNS/c10_r38_shipped_rl_$rl_run/model" --distill-from "${SHIPPED#local-dir:}" \
+                  --distill-gates open --distill-weight 0.7 --distill-temperature 1 --weight-decay 1e-4 "${SWA[@]}" \
+                  --epochs "$FT_EPOCHS"
+              done ;;
+    *) echo "unknown step '$step' (backbone, teacher, baseline, rl, ft, paper, budget, budget-alpha, budget-ft)" >&2; exit 2 ;;
   esac
 done
