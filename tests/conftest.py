@@ -3,7 +3,8 @@
 The CPU, also on a machine with a GPU: several tests train twice and compare the weights bit for bit, or re-check a
 command's result with exact tolerances, which needs deterministic kernels the trainer does not switch on. Hiding
 the GPU before torch is imported (here, and in every subprocess a test starts, which inherits the environment) keeps
-the suite's results the same on every host.
+the suite's results the same on every host. ``SKIPNET_TEST_CUDA=1`` keeps the GPU visible for the tests marked as
+CUDA-only (``-k cuda``).
 
 One intra-op thread per test process (SKIPNET_TEST_THREADS overrides; subprocesses inherit it through
 OMP_NUM_THREADS): the tensors here are small, so a second thread buys little, and on cores shared with other work
@@ -19,8 +20,9 @@ os.environ['HF_HUB_CACHE'] = os.path.join(_HF_HOME, 'hub')
 os.environ['HF_HUB_OFFLINE'] = '1'
 os.environ['HF_DATASETS_OFFLINE'] = '1'
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
-os.environ['CUDA_VISIBLE_DEVICES'] = ''
-os.environ['ACCELERATE_USE_CPU'] = 'true'
+if not os.environ.get('SKIPNET_TEST_CUDA'):  # SKIPNET_TEST_CUDA=1 on a GPU host runs the CUDA-only tests too
+    os.environ['CUDA_VISIBLE_DEVICES'] = ''
+    os.environ['ACCELERATE_USE_CPU'] = 'true'
 TEST_THREADS = int(os.environ.get('SKIPNET_TEST_THREADS', '1'))
 os.environ['OMP_NUM_THREADS'] = str(TEST_THREADS)
 

@@ -711,3 +711,58 @@ def test_a_mid_epoch_resume_of_a_run_with_loader_workers_reproduces_it_exactly(c
     a = load_file(str(tmp_path / 'straight' / 'model.safetensors'))
     b = load_file(str(ckpts / 'step_0000006' / 'model.safetensors'))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compile_trains_the_weights_an_eager_run_trains(cifar10_dir, tmp_path, monkeypatch):
+    """--compile: dynamo + AOTAutograd through the gated rl step (sampled gates, REINFORCE) end at the eager run's
+    weights; the eager backend of the compiler keeps torch's RNG stream, so the sampled decisions are the same."""
+    compiled_calls, compile_ = [], torch.compile
+
+    def recording_compile(model, **kwargs):
+        compiled_calls.append(model)
+        return compile_(model, backend='aot_eager', **kwargs)
+    runs = {}
+    for name, use_compile in (('eager', False), ('compiled', True)):
+        AcceleratorState._reset_state(True)
+        if use_compile:
+            monkeypatch.setattr(torch, 'compile', recording_compile)
+        out = tmp_path / name
+        train(_cfg(cifar10_dir, out, stage='rl', steps=2, gate_init_bias=0.0, compile=use_compile, export=False,
+                   checkpoint_every=2))
+        runs[name] = (load_file(str(next((out / 'checkpoints').glob('*/model.safetensors')))), _logged(out))
+        monkeypatch.undo()
+    assert len(compiled_calls) == 1
+    (eager, eager_log), (compiled, compiled_log) = runs['eager'], runs['compiled']
+    assert all(row['rl'] != 0 for row in eager_log)  # REINFORCE reached the gates
+    for a, b in zip(eager_log, compiled_log):
+        assert math.isclose(a['loss'], b['loss'], rel_tol=1e-5) and math.isclose(a['rl'], b['rl'], rel_tol=1e-4)
+    assert eager.keys() == compiled.keys()
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('stage', ['sp', 'rl'])
+def test_inductor_compiled_stage_loss_and_grads_equal_eager(stage):
+    """The training forward and backward under inductor (as --compile runs them) on a small SkipNet: same loss and
+    gradients as eager (inductor's own RNG switched to torch's, so rl samples the same gates)."""
+    import copy
+
+    import torch._inductor.config as inductor_config
+    model = timm.create_model('skipnet_resnet38_cifar', layers=(2, 2, 2), gate_init_bias=0.0).train()
+    model.set_execution('dense')
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    cfg = TrainConfig(stage=stage, alpha=0.1)
+    ce_fn = torch.nn.CrossEntropyLoss(reduction='none')
+    torch.manual_seed(1)
+    want = stage_loss(model, x, y, cfg, ce_fn)
+    want['loss'].backward()
+    with inductor_config.patch(fallback_random=True):
+        torch.manual_seed(1)
+        got = stage_loss(torch.compile(twin), x, y, cfg, ce_fn)
+        got['loss'].backward()
+    torch.testing.assert_close(got['loss'], want['loss'], rtol=1e-5, atol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)

@@ -53,9 +53,10 @@ def _timer(device: torch.device):
 def run_bench(model_name: str = 'skipnet_resnet50', batch_sizes: Sequence[int] = (1, 8, 64), rate: float = 0.5,
               img_size: int = 224, min_time: float = 3.0, min_iters: int = 3, seed: int = 0,
               device: str = 'cpu', compile: bool = False, overflow: str = 'exact',
-              compile_mode: str = 'default') -> List[Dict]:
+              compile_mode: str = 'default', graph: bool = False) -> List[Dict]:
     """``compile``: every variant under ``torch.compile(fullgraph=True)`` (the SkipNet in static execution, its
-    capacity calibrated on images other than the timed ones), compared with the compiled plain ResNet."""
+    capacity calibrated on images other than the timed ones), compared with the compiled plain ResNet. ``graph``:
+    every variant recorded as one CUDA graph (:class:`~timm_skipnet.cuda_graphs.CUDAGraphed`), likewise."""
     torch.manual_seed(seed)
     device = torch.device(device)
     plain, skip = _build(model_name)
@@ -68,7 +69,9 @@ def run_bench(model_name: str = 'skipnet_resnet50', batch_sizes: Sequence[int] =
     for bs in batch_sizes:
         x = torch.randn(bs, 3, img_size, img_size).to(device)
         macs_seen: List[torch.Tensor] = []
-        if compile:
+        if graph:
+            variants = _graphed_variants(plain, skip, x, rate, table, macs_seen, calib, overflow)
+        elif compile:
             variants = _compiled_variants(plain, skip, x, rate, table, macs_seen, calib, overflow, compile_mode)
         else:
             variants = _variants(plain, skip, x, rate, table, macs_seen, calib)
@@ -181,6 +184,25 @@ def _compiled_variants(plain, skip, x, rate, table, macs_seen, calib, overflow='
     }
 
 
+def _graphed_variants(plain, skip, x, rate, table, macs_seen, calib, overflow='exact') -> Dict:
+    """CUDA-graph twins of :func:`_compiled_variants`: each variant recorded once for this batch, then replayed."""
+    from .capacity import calibrate_capacity
+    from .cuda_graphs import CUDAGraphed
+    opened = copy.deepcopy(skip)
+    opened.gates.set_constant_probability(1.0)
+    gated = copy.deepcopy(skip)
+    calibrate_gates(gated, calib, rate)
+    calibrate_capacity(gated, [calib])
+    gated.set_gate_capacity(gated.gate_capacity.tolist(), overflow=overflow)
+    macs_seen.append(table.per_image_macs(gated.forward_with_gates(x).actions))
+    graphs = {name: CUDAGraphed(m, x) for name, m in (('plain', plain), ('open', opened), ('gated', gated))}
+    return {
+        'plain timm ResNet (CUDA graph)': lambda: graphs['plain'](x),
+        'SkipNet, all gates open (CUDA graph)': lambda: graphs['open'](x),
+        f'SkipNet static, rate {rate:g} (CUDA graph)': lambda: graphs['gated'](x),
+    }
+
+
 def format_table(rows: List[Dict]) -> str:
     head = '| batch | variant | latency (ms) | images/s | ideal R | measured S | eta = S/R |'
     lines = [head, '|---:|---|---:|---:|---:|---:|---:|']
@@ -205,9 +227,10 @@ def device_name(device: str) -> str:
 
 def run_images_bench(model_id: str, data: str, batch_sizes: Sequence[int] = (1, 8, 64, 256),
                      compile: bool = False, images: int = 2048, device: str = 'cpu', rounds: int = 3,
-                     overflow: str = 'exact', compile_mode: str = 'default') -> List[Dict]:
+                     overflow: str = 'exact', compile_mode: str = 'default', graph: bool = False) -> List[Dict]:
     """A trained SkipNet on real images (its own per-image decisions) against the same weights with every gate
-    open (no gate computed: the plain ResNet), both eager or both compiled. Batch 1 times the first 200 images."""
+    open (no gate computed: the plain ResNet), both eager, both compiled or both CUDA graphs. Batch 1 times the
+    first 200 images."""
     from .accounting import measure_mac_table as _table
     from .data import DataSpec, build_transforms, make_loader
     model = timm.create_model(model_id, pretrained=True).eval()
@@ -227,11 +250,15 @@ def run_images_bench(model_id: str, data: str, batch_sizes: Sequence[int] = (1, 
         if n == 0:
             raise ValueError(f'batch size {bs} is larger than the {len(xs)} images timed; lower it or raise --images.')
         timed = (model, baseline)
-        if compile:
+        if graph:
+            from .cuda_graphs import CUDAGraphed
+            timed = tuple(CUDAGraphed(m, xs[:bs].to(device)) for m in timed)
+        elif compile:
             torch._dynamo.reset()
             timed = tuple(torch.compile(m, fullgraph=True, dynamic=False, mode=compile_mode) for m in timed)
         r = speedup_on_images(timed[0], timed[1], xs[:n], ((bs, n),), rounds=rounds, device=device)[bs]
-        rows.append(dict(batch=bs, mode='compiled' if compile else 'eager', images=n, ideal_R=ideal,
+        mode = 'CUDA graph' if graph else 'compiled' if compile else 'eager'
+        rows.append(dict(batch=bs, mode=mode, images=n, ideal_R=ideal,
                          skipnet_img_per_s=r['model_img_per_s'], plain_img_per_s=r['baseline_img_per_s'],
                          speedup_S=r['speedup'], eta=r['speedup'] / ideal))
     return rows
@@ -253,24 +280,29 @@ def main(args) -> None:
                          'use --device cpu or run on a GPU machine.')
     where = device_name(args.device)
     if args.train:
-        rows = run_train_bench(args.model, args.batch_sizes[0], steps=args.steps, device=args.device)
-        print(f'# training step, {args.model}, batch {args.batch_sizes[0]}, {where}')
+        rows = run_train_bench(args.model, args.batch_sizes[0], steps=args.steps, device=args.device,
+                               compile=args.mode == 'compiled')
+        print(f"# training step, {args.model}, batch {args.batch_sizes[0]}, {where}"
+              f"{', every forward compiled' if args.mode == 'compiled' else ''}")
         print('| variant | step (ms) | images/s | cost vs plain |\n|---|---:|---:|---:|')
         for r in rows:
             print(f"| {r['variant']} | {r['step_ms']:.1f} | {r['img_per_s']:.1f} | {r['cost_vs_plain']:.3f}x |")
         return
-    modes = {'eager': [False], 'compiled': [True], 'both': [False, True]}[args.mode]
+    if args.mode == 'graph' and not args.device.startswith('cuda'):
+        raise SystemExit('--mode graph records CUDA graphs: add --device cuda (on a GPU machine).')
+    modes = {'eager': ['eager'], 'compiled': ['compiled'], 'both': ['eager', 'compiled'], 'graph': ['graph']}[args.mode]
     if args.data:
-        rows = [r for c in modes for r in run_images_bench(
-            args.model, args.data, args.batch_sizes, compile=c, images=args.images, device=args.device,
-            overflow=args.overflow, compile_mode=args.compile_mode)]
+        rows = [r for m in modes for r in run_images_bench(
+            args.model, args.data, args.batch_sizes, compile=m == 'compiled', images=args.images, device=args.device,
+            overflow=args.overflow, compile_mode=args.compile_mode, graph=m == 'graph')]
         print(f'# {args.model} vs the same weights with every gate open, on {args.data} test images, {where}, '
               f'torch {torch.__version__}')
         print(format_images_table(rows))
     else:
-        rows = [r for c in modes for r in run_bench(
+        rows = [r for m in modes for r in run_bench(
             args.model, args.batch_sizes, args.rate, args.img_size, args.min_time, seed=args.seed,
-            device=args.device, compile=c, overflow=args.overflow, compile_mode=args.compile_mode)]
+            device=args.device, compile=m == 'compiled', overflow=args.overflow, compile_mode=args.compile_mode,
+            graph=m == 'graph')]
         print(f'# {args.model} at {args.img_size} px, {where}, torch {torch.__version__}')
         print(format_table(rows))
     if args.output:
@@ -291,8 +323,9 @@ def add_parser(sub) -> None:
     p.add_argument('--device', default='cpu', help='cpu | cuda | cuda:N (GPU timings wait for the kernels)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--output', default='', help='also write the rows as JSON')
-    p.add_argument('--mode', default='eager', choices=('eager', 'compiled', 'both'),
-                   help='eager, or every variant under torch.compile(fullgraph=True), or both (like with like)')
+    p.add_argument('--mode', default='eager', choices=('eager', 'compiled', 'both', 'graph'),
+                   help='eager, or every variant under torch.compile(fullgraph=True), or both (like with like); '
+                        'graph: every variant recorded as one CUDA graph (--device cuda)')
     p.add_argument('--data', default='', help='time a trained --model (local-dir:, hf-hub:) on this dataset\'s test '
                    'images instead of synthetic gates, e.g. ../shared/data/cifar10/plain')
     p.add_argument('--overflow', default='exact', choices=('exact', 'shortcut'),
@@ -301,7 +334,8 @@ def add_parser(sub) -> None:
     p.add_argument('--compile-mode', default='default', help="torch.compile mode, e.g. 'reduce-overhead' (CUDA "
                    'graphs) or max-autotune-no-cudagraphs')
     p.add_argument('--images', type=int, default=2048, help='--data: test images timed (batch 1: the first 200)')
-    p.add_argument('--train', action='store_true', help='time training steps per stage instead (first batch size)')
+    p.add_argument('--train', action='store_true', help='time training steps per stage instead (first batch size; '
+                   '--mode compiled compiles every forward)')
     p.add_argument('--steps', type=int, default=20, help='--train: timed steps per variant')
     p.set_defaults(func=main)
 
@@ -316,12 +350,13 @@ def _plain_forward(model, x: torch.Tensor) -> torch.Tensor:
 
 
 def run_train_bench(model_name: str = 'skipnet_resnet38_cifar', batch_size: int = 128, steps: int = 20,
-                    img_size: int = 0, device: str = 'cpu') -> List[Dict]:
+                    img_size: int = 0, device: str = 'cpu', compile: bool = False) -> List[Dict]:
     """Images/s of one optimizer step per stage, against a plain timm-style step of the same backbone.
 
     ``plain`` is the same weights run as a plain chain (stem, every block in order, timm's head), with no gate
     module and none of this package's trunk code, trained as timm's train.py would (cross-entropy, SGD);
-    ``base`` / ``sp`` / ``rl`` are this package's stages (dense execution, as in training).
+    ``base`` / ``sp`` / ``rl`` are this package's stages (dense execution, as in training). ``compile``: every
+    forward under ``torch.compile`` (as ``--compile`` trains), the plain step's too.
     """
     torch.manual_seed(0)
     device = torch.device(device)
@@ -332,6 +367,8 @@ def run_train_bench(model_name: str = 'skipnet_resnet38_cifar', batch_size: int 
     y = torch.randint(0, skip.num_classes, (batch_size,)).to(device)
     plain = copy.deepcopy(skip)
     del plain.gates  # a plain ResNet
+    plain_forward = torch.compile(_plain_forward) if compile else _plain_forward
+    skip_forward = torch.compile(skip) if compile else skip
 
     def step_fn(model, loss_fn):
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -344,10 +381,10 @@ def run_train_bench(model_name: str = 'skipnet_resnet38_cifar', batch_size: int 
 
     ce = torch.nn.functional.cross_entropy
     variants = {
-        'plain ResNet (timm-style step)': step_fn(plain, lambda m: ce(_plain_forward(m, x), y)),
-        'base (gates open)': step_fn(skip, lambda m: ce(m(x, gate_policy='open'), y)),
-        'sp (straight-through)': step_fn(skip, lambda m: ce(m(x, gate_policy='straight_through'), y)),
-        'rl (sampled + REINFORCE)': step_fn(skip, lambda m: _rl_loss(m, x, y)),
+        'plain ResNet (timm-style step)': step_fn(plain, lambda m: ce(plain_forward(m, x), y)),
+        'base (gates open)': step_fn(skip, lambda m: ce(skip_forward(x, gate_policy='open'), y)),
+        'sp (straight-through)': step_fn(skip, lambda m: ce(skip_forward(x, gate_policy='straight_through'), y)),
+        'rl (sampled + REINFORCE)': step_fn(skip, lambda m: _rl_loss(skip_forward, x, y)),
     }
     skip.train()
     plain.train()

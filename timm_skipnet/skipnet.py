@@ -12,6 +12,7 @@ model class only replaces the trunk loop. Two execution modes:
 * ``sparse``: a block runs only on the images whose gate is open (gather, run, scatter into the shortcut); at batch
   1 a plain branch. The inference default; identical outputs to ``dense`` in eval mode.
 """
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -30,7 +31,8 @@ from .gates import create_gates
 from .policy import POLICIES, THRESHOLD_LOGIT_LIMIT, GateDecision, bernoulli_log_prob, decide
 from .pretrained_errors import explain_missing_pretrained
 
-__all__ = ['SkipNetResNet', 'SkipNetTrace', 'convert_to_skipnet', 'checkpoint_filter_fn', 'EXECUTION_MODES']
+__all__ = ['SkipNetResNet', 'SkipNetTrace', 'convert_to_skipnet', 'checkpoint_filter_fn', 'EXECUTION_MODES',
+           'eager_control_flow']
 
 EXECUTION_MODES = ('auto', 'dense', 'sparse', 'static')
 CAPACITY_OVERFLOW = ('exact', 'shortcut')
@@ -52,6 +54,35 @@ class SkipNetTrace:
     def executed_blocks(self) -> torch.Tensor:
         """(B,) blocks run per image, the never-gated first block included."""
         return 1 + self.actions.sum(1)
+
+
+_EAGER_CONTROL_FLOW = [False]  # set by eager_control_flow(): eager calls emit torch.cond, as under torch.compile
+
+
+@contextlib.contextmanager
+def eager_control_flow():
+    """Within this block the static path branches with ``torch.cond`` in eager mode too, instead of reading the
+    decision back to the host: recorded into a CUDA graph, each branch becomes a conditional node decided on the
+    device (:mod:`timm_skipnet.cuda_graphs`)."""
+    previous = _EAGER_CONTROL_FLOW[0]
+    _EAGER_CONTROL_FLOW[0] = True
+    try:
+        yield
+    finally:
+        _EAGER_CONTROL_FLOW[0] = previous
+
+
+def _control_flow_ops() -> bool:
+    """Branch with torch.cond (compiling, exporting, or recording a CUDA graph) rather than a Python if."""
+    return torch.compiler.is_compiling() or _EAGER_CONTROL_FLOW[0]
+
+
+def _cond(pred: torch.Tensor, true_fn, false_fn, operands: tuple) -> torch.Tensor:
+    """torch.cond while compiling; in eager (a CUDA graph being recorded) the operator itself, which the capture
+    mode turns into a conditional node (eager torch.cond would compile the branches first)."""
+    if torch.compiler.is_compiling():
+        return torch.cond(pred, true_fn, false_fn, operands)
+    return torch.ops.higher_order.cond(pred, true_fn, false_fn, operands)
 
 
 def _is_tracing() -> bool:
@@ -499,13 +530,14 @@ class SkipNetResNet(ResNet):
 
     def _run_static(self, block: nn.Module, x: torch.Tensor, run: torch.Tensor, k: int,
                     margin: torch.Tensor) -> torch.Tensor:
-        # compiled: torch.cond keeps both branches in the graph; eager: a Python branch (one host read)
-        compiling = torch.compiler.is_compiling()
+        # compiled (or a CUDA graph being recorded): torch.cond keeps both branches; eager: a Python branch (one
+        # host read)
+        compiling = _control_flow_ops()
         batch = x.shape[0]
         if batch == 1:
             if not compiling:
                 return block(x) if bool(run[0]) else _shortcut(block, x)
-            return torch.cond(run[0], lambda t: _fixed_layout(block(t)),
+            return _cond(run[0], lambda t: _fixed_layout(block(t)),
                               lambda t: _fixed_layout(_shortcut_copy(block, t)), (_fixed_layout(x),))
         cap = self.gate_capacity_for(k, batch)
         if cap >= batch:
@@ -521,10 +553,10 @@ class SkipNetResNet(ResNet):
         if not compiling:
             return _mix(run, block(x), _shortcut(block, x)) if bool(overflow) else _run_capacity(
                 block, x, run, margin, cap)
-        return torch.cond(overflow,
-                          lambda t, r, m: _fixed_layout(_mix(r, block(t), _shortcut(block, t))),
-                          lambda t, r, m: _fixed_layout(_run_capacity(block, t, r, m, cap)),
-                          (_fixed_layout(x), run, margin))
+        return _cond(overflow,
+                     lambda t, r, m: _fixed_layout(_mix(r, block(t), _shortcut(block, t))),
+                     lambda t, r, m: _fixed_layout(_run_capacity(block, t, r, m, cap)),
+                     (_fixed_layout(x), run, margin))
 
     # ---- capacity (static execution) ------------------------------------------------------------------------------
     @torch.no_grad()

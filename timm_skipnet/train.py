@@ -142,6 +142,9 @@ class TrainConfig:
         f'average ({EMA_FILE}, so the run can be extended) beside the recomputed one ({EMA_BN_FILE})')))
     amp: str = field(default='no', metadata=dict(help='mixed precision: no | fp16 | bf16'))
     cpu: bool = field(default=False, metadata=dict(help='run on CPU even when a GPU is present'))
+    compile: bool = field(default=False, metadata=dict(help=(
+        'torch.compile the training forward and backward (dense execution, every stage): on a GPU the gated step '
+        'then costs close to a plain step; evaluation stays eager. The first steps compile (minutes)')))
     # bookkeeping
     output: str = 'runs/skipnet'
     seed: int = 42
@@ -521,6 +524,8 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = build_ema(cfg, accelerator.unwrap_model(model, keep_fp32_wrapper=True))
     ce_fn = nn.CrossEntropyLoss(label_smoothing=cfg.smoothing, reduction='none')
+    # the same module, compiled for the training step only: evaluation and checkpoints use `model` itself
+    train_forward = torch.compile(model) if cfg.compile else model
 
     global_step, reproducible = 0, True
     if cfg.resume:
@@ -615,7 +620,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
                         if teacher is not None:
                             with torch.no_grad():
                                 teacher_logits = teacher(x, gate_policy=cfg.distill_gates)
-                        out = stage_loss(model, x, y, cfg, ce_fn, teacher_logits=teacher_logits,
+                        out = stage_loss(train_forward, x, y, cfg, ce_fn, teacher_logits=teacher_logits,
                                          rl_weight=cfg.rl_weight if rl_on else 0.0, budget=budget)
                     accelerator.backward(out['loss'])
                     if accelerator.sync_gradients and cfg.clip_grad:
