@@ -86,8 +86,9 @@ def _cond(pred: torch.Tensor, true_fn, false_fn, operands: tuple) -> torch.Tenso
 
 
 def _is_tracing() -> bool:
-    """Compiling, exporting or scripting: no host reads, no data-dependent shapes."""
-    return torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing()
+    """Compiling, exporting, scripting or FX-tracing: no host reads, no data-dependent shapes."""
+    return (torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing()
+            or torch.fx._symbolic_trace.is_fx_symbolic_tracing())
 
 
 def _shortcut(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -127,6 +128,8 @@ def _block_and_shortcut(block: nn.Module, x: torch.Tensor,
     gradient checkpointing the recomputation reuses the same projection."""
     if block.downsample is None:
         return (checkpoint(block, x, use_reentrant=False) if use_ckpt else block(x)), x
+    if torch.fx._symbolic_trace.is_fx_symbolic_tracing():  # FX records calls of installed submodules only
+        return block(x), block.downsample(x)
     short = block.downsample(x)
     y = (checkpoint(_run_given_shortcut, block, x, short, use_reentrant=False) if use_ckpt
          else _run_given_shortcut(block, x, short))
@@ -360,7 +363,7 @@ class SkipNetResNet(ResNet):
             raise ValueError(f'Unknown gate policy {policy!r}; choose one of {POLICIES}.')
         execution = self.execution
         if execution == 'auto':
-            tracing = torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing()
+            tracing = _is_tracing()
             if self.training or policy == 'straight_through':
                 execution = 'dense'
             elif tracing:  # static shapes and no host reads: skipping survives torch.compile(fullgraph=True)
@@ -398,7 +401,7 @@ class SkipNetResNet(ResNet):
     ) -> Tuple[torch.Tensor, List[torch.Tensor], Optional[Tuple[torch.Tensor, ...]]]:
         """Stem and gated blocks. Returns features, the requested taps and, with ``with_trace``, the gate record."""
         policy, execution = self._resolve(policy)
-        if x.is_meta and execution != 'dense':  # shapes only: no decision can be read back from a meta tensor
+        if execution != 'dense' and x.is_meta:  # shapes only: no decision can be read back from a meta tensor
             execution = 'dense'
         if policy == 'greedy' and not with_trace and take_indices is None and stop_index is None:
             if execution == 'sparse':
@@ -610,6 +613,9 @@ class SkipNetResNet(ResNet):
     ) -> Union[torch.Tensor, SkipNetTrace]:
         """Logits, as every timm model. ``return_trace=True`` gives a :class:`SkipNetTrace` instead; passing it as a
         forward argument (not a separate method) keeps DDP / Accelerate gradient hooks working in training."""
+        if isinstance(gate_policy, torch.fx.Proxy) or isinstance(return_trace, torch.fx.Proxy):
+            # FX symbolic tracing makes every argument a proxy: the traced graph is the default call (logits)
+            gate_policy, return_trace = None, False
         x, _, trace = self._forward_trunk(x, gate_policy, with_trace=return_trace)
         logits = self.forward_head(x)
         if not return_trace:
@@ -655,6 +661,12 @@ class SkipNetResNet(ResNet):
         if prune_head or prune_end:
             self.reset_classifier(0, '')
         return take_indices
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script(model)``: the scriptable form, a trace of the eval-mode inference network (see
+        :mod:`timm_skipnet.torchscript`; TorchScript cannot compile the gate loop itself)."""
+        from .torchscript import scriptable
+        return scriptable(self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
