@@ -71,3 +71,23 @@ def test_scripting_a_model_in_training_mode_is_refused_with_the_fix():
     model = timm.create_model('skipnet_resnet38_cifar').train()
     with pytest.raises(ValueError, match='model.eval'):
         torch.jit.script(model)
+
+
+@pytest.mark.parametrize('name,kwargs,size', CASES[:2])
+def test_torchvision_feature_extraction_traces_train_and_eval_graphs(name, kwargs, size):
+    """The FX feature path timm's own checks use: node names in both modes, an extractor whose last node is the
+    classifier and whose eval output equals the model's logits."""
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+    model = _gated(name, kwargs)
+    train_nodes, eval_nodes = get_graph_node_names(model)
+    assert train_nodes[-1] == eval_nodes[-1] == model.pretrained_cfg['classifier']
+    stage_blocks = [n for n in eval_nodes if n.startswith('layer2.')]
+    assert stage_blocks  # the blocks are nodes a user can tap
+    extractor = create_feature_extractor(model, train_return_nodes=[train_nodes[-1]],
+                                         eval_return_nodes=[eval_nodes[-1], stage_blocks[-1]])
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        out = extractor.eval()(x)
+        _mixed_decisions(model, x)
+        torch.testing.assert_close(out[eval_nodes[-1]], model(x), rtol=1e-5, atol=1e-5)
+    assert extractor.train()(x)[train_nodes[-1]].shape == (3, model.num_classes)

@@ -727,8 +727,11 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SkipNetResN
 
 def _check_feature_cls(kwargs: Dict[str, Any]) -> None:
     if kwargs.get('features_only') and kwargs.get('feature_cls') in ('hook', 'fx', 'list', 'dict'):
-        raise ValueError(f"feature_cls={kwargs['feature_cls']!r} runs the stages without their gates (the gate state "
-                         "crosses stage boundaries); SkipNet features use feature_cls='getter' (the default).")
+        raise ValueError(
+            f"feature_cls={kwargs['feature_cls']!r} taps the stage containers (layerN), which a SkipNet never calls as "
+            "modules: its trunk calls the blocks one by one, because the gate state crosses stage boundaries. Use "
+            "feature_cls='getter' (the default), or FX node names with torchvision's create_feature_extractor "
+            "(names from get_graph_node_names(model)).")
 
 
 def _create_skipnet(variant: str, pretrained: bool = False, **kwargs) -> SkipNetResNet:
