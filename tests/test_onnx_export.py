@@ -61,3 +61,35 @@ def test_onnx_logits_refuse_a_batch_the_graph_cannot_take(tmp_path):
         onnx_logits(FixedBatch(), torch.zeros(6, 3, 32, 32))
     with pytest.raises(ValueError, match='batch_size must be >= 1'):
         export_onnx(timm.create_model('skipnet_resnet38_cifar'), str(tmp_path / 'x.onnx'), batch_size=0)
+
+
+@pytest.mark.parametrize('gate_type', ['rnn', 'ff1'])
+def test_the_copy_prepared_for_export_computes_what_the_model_computes(gate_type):
+    """Constant thresholds (forced gates included) and the reordered, folded LSTM gates: same logits eagerly."""
+    from timm_skipnet.onnx_export import prepare_for_export
+    model = timm.create_model('skipnet_resnet38_cifar', gate_type=gate_type).eval()
+    randomize_gates(model)
+    randomize_bn(model)
+    model.set_gate_thresholds([0.0, 1.0] + [0.3 + 0.02 * k for k in range(model.num_gated_blocks - 2)])
+    model.set_gate_capacity(0.5, overflow='exact')
+    prepared = prepare_for_export(model)
+    for batch in (1, 1, 6):
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(prepared(x), model(x), rtol=1e-5, atol=1e-5)
+    assert model.execution == 'auto' and not hasattr(model, '_constant_thresholds')  # the model itself untouched
+
+
+@pytest.mark.slow
+def test_a_gate_whose_threshold_forces_its_decision_exports_without_a_branch(tmp_path):
+    model = timm.create_model('skipnet_resnet38_cifar').eval()
+    randomize_gates(model)
+    randomize_bn(model)
+    model.set_gate_thresholds([0.0, 1.0] + [0.5] * (model.num_gated_blocks - 2))  # block 1 always, block 2 never
+    path = export_onnx(model, str(tmp_path / 'forced.onnx'))
+    assert count_if_nodes(path) == model.num_gated_blocks - 2
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        trace = model.forward_with_gates(x)
+    assert trace.actions[:, 2:].unique().numel() == 2  # the free gates decide per image
+    torch.testing.assert_close(onnx_logits(onnx_session(path, threads=1), x), trace.logits, rtol=1e-4, atol=1e-4)

@@ -525,8 +525,18 @@ class SkipNetResNet(ResNet):
         x = blocks[0](x)
         state = gates.init_state(x)
         thr = self.gate_threshold_logits
+        constant = getattr(self, '_constant_thresholds', None)
         for k, block in enumerate(blocks[1:]):
             logits, state = gates(k, x, state)
+            if constant is not None:  # thresholds fixed at export: a forced gate needs no branch, others one compare
+                rule, value = constant[k]
+                if rule is not None:
+                    x = block(x) if rule else _shortcut(block, x)
+                    continue
+                run = logits.float() > value  # a NaN logit compares False: the block is skipped, as by the margin
+                margin = logits.float() - value if x.shape[0] > 1 else run
+                x = self._run_static(block, x, run, k, margin)
+                continue
             margin = _greedy_margin(logits, thr[k])
             x = self._run_static(block, x, margin > 0, k, margin)
         return x
