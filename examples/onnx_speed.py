@@ -3,6 +3,7 @@ open, no gate computed), batch 1 on real test images, the two runtimes interleav
 
     python examples/onnx_speed.py --model local-dir:hub_configs/skipnet_resnet38_cifar.cifar10 \
         --data ../shared/data/cifar10/plain --threads 2
+    python examples/onnx_speed.py --model skipnet_resnet50 --rate 0.5 --images 40 --threads 2   # synthetic gates
 """
 import argparse
 import copy
@@ -16,6 +17,7 @@ import torch
 
 import timm_skipnet  # noqa: F401
 from timm_skipnet.accounting import measure_mac_table
+from timm_skipnet.bench import calibrate_gates
 from timm_skipnet.data import DataSpec, build_transforms, make_loader
 from timm_skipnet.onnx_export import count_if_nodes, export_onnx, onnx_session
 
@@ -36,12 +38,20 @@ def main():
     p.add_argument('--images', type=int, default=200)
     p.add_argument('--rounds', type=int, default=3)
     p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--rate', type=float, default=0.0, help='an untrained --model: random per-image gates running this '
+                   'share of the blocks (as timm-skipnet bench), on random images instead of --data')
     args = p.parse_args()
-    model = timm.create_model(args.model, pretrained=True).eval()
+    if args.rate:
+        model = timm.create_model(args.model).eval()
+        size = model.pretrained_cfg['input_size']
+        xs = torch.randn(args.images, *size)
+        calibrate_gates(model, torch.randn(16, *size), args.rate)
+    else:
+        model = timm.create_model(args.model, pretrained=True).eval()
+        loader = make_loader(DataSpec(args.data), 'test', build_transforms(model, False), 100, limit=args.images)
+        xs = torch.cat([x for x, _, _ in loader if x is not None])
     plain = copy.deepcopy(model)
     plain.set_gate_policy('open')
-    loader = make_loader(DataSpec(args.data), 'test', build_transforms(model, False), 100, limit=args.images)
-    xs = torch.cat([x for x, _, _ in loader if x is not None])
     with torch.no_grad():
         actions = model.forward_with_gates(xs).actions
     table = measure_mac_table(model)
@@ -57,8 +67,9 @@ def main():
                 rates[name].append(images_per_second(s, xs.numpy()))
     med = {name: statistics.median(r) for name, r in rates.items()}
     import onnxruntime
+    images = f'random images, gates at rate {args.rate:g}' if args.rate else 'test images'
     print(f'# {args.model}, onnxruntime {onnxruntime.__version__} CPU, {args.threads} threads, torch '
-          f'{torch.__version__}, batch 1, {len(xs)} test images, medians of {args.rounds} interleaved rounds')
+          f'{torch.__version__}, batch 1, {len(xs)} {images}, medians of {args.rounds} interleaved rounds')
     print('| export | If nodes | images/s | measured S | ideal R |')
     print('|---|---:|---:|---:|---:|')
     print(f"| plain ResNet (every gate open) | {ifs['plain']} | {med['plain']:.0f} | 1.00x | 1.00x |")

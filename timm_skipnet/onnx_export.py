@@ -20,8 +20,9 @@ from .gates import RecurrentGates
 class _ExportRecurrentGates(nn.Module):
     """The folded RNN gates written out for a graph runtime: the projection folded into the LSTM input weights, the
     LSTM's rows reordered (i, f, o, g) so one Sigmoid and one Tanh cover the four gates, the hidden-to-hidden product
-    added in the same Gemm, and the first gate's zero state left out. About 14 ONNX nodes a gate instead of 24;
-    the same function as the trained gates."""
+    added in the same Gemm, the first gate's zero state left out, and the logit kept as a (B, 1) column that the
+    compare feeds to the branch as it is. 13 ONNX nodes a gate instead of 24; the same function as the trained
+    gates."""
 
     def __init__(self, bank: RecurrentGates):
         super().__init__()
@@ -52,7 +53,7 @@ class _ExportRecurrentGates(nn.Module):
         if state is not None:
             c = c + f * state[1]
         h_new = o * torch.tanh(c)
-        return torch.addmm(self.head_b, h_new, self.head_w).squeeze(1), (h_new, c)
+        return torch.addmm(self.head_b, h_new, self.head_w), (h_new, c)  # (B, 1): no Squeeze before the compare
 
 
 def prepare_for_export(model) -> nn.Module:

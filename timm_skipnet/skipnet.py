@@ -85,6 +85,12 @@ def _cond(pred: torch.Tensor, true_fn, false_fn, operands: tuple) -> torch.Tenso
     return torch.ops.higher_order.cond(pred, true_fn, false_fn, operands)
 
 
+def _branch_block(block: nn.Module, x: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+    """The block or its shortcut behind one ``torch.cond`` on a one-element ``pred``."""
+    return _cond(pred, lambda t: _fixed_layout(block(t)), lambda t: _fixed_layout(_shortcut_copy(block, t)),
+                 (_fixed_layout(x),))
+
+
 def _is_tracing() -> bool:
     """Compiling, exporting, scripting or FX-tracing: no host reads, no data-dependent shapes."""
     return (torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing()
@@ -534,7 +540,11 @@ class SkipNetResNet(ResNet):
                     x = block(x) if rule else _shortcut(block, x)
                     continue
                 run = logits.float() > value  # a NaN logit compares False: the block is skipped, as by the margin
-                margin = logits.float() - value if x.shape[0] > 1 else run
+                if x.shape[0] == 1 and torch.compiler.is_compiling():  # the compare feeds the branch as it is
+                    x = _branch_block(block, x, run)
+                    continue
+                run = run.reshape(-1)
+                margin = logits.float().reshape(-1) - value if x.shape[0] > 1 else run
                 x = self._run_static(block, x, run, k, margin)
                 continue
             margin = _greedy_margin(logits, thr[k])
@@ -550,8 +560,7 @@ class SkipNetResNet(ResNet):
         if batch == 1:
             if not compiling:
                 return block(x) if bool(run[0]) else _shortcut(block, x)
-            return _cond(run[0], lambda t: _fixed_layout(block(t)),
-                              lambda t: _fixed_layout(_shortcut_copy(block, t)), (_fixed_layout(x),))
+            return _branch_block(block, x, run[0])
         cap = self.gate_capacity_for(k, batch)
         if cap >= batch:
             return _mix(run, block(x), _shortcut(block, x))
