@@ -1,11 +1,13 @@
 """SkipNet-38 trained to a MACs budget (`--target-macs`) against the alpha-trained rl stages of the ledger.
 
     bash examples/cifar10_skipnet38.sh budget            # the three runs (runs/c10_r38_shipped_rl_t<T>)
-    .venv/bin/python docs/experiments/target_macs_plot.py  # table to stdout, docs/cifar10_target_macs.png
+    TARGETS="0.55 0.4" FT_EPOCHS=3 bash examples/cifar10_skipnet38.sh budget-alpha budget-ft   # like for like
+    .venv/bin/python docs/experiments/target_macs_plot.py  # tables to stdout, docs/cifar10_target_macs.png
 
-Reads each budget run's final evaluation (`eval_rl.json`) and the rl-stage runs recorded in
-examples/cifar10_runs.json (the alpha sweep: the rl stage only, before any ft, so both sides are compared at the
-same stage).
+Reads each budget run's final evaluation (`eval_rl.json`), the rl-stage runs recorded in examples/cifar10_runs.json
+(the alpha sweep from other backbones: the rl stage only, before any ft), and, where they exist, the alpha runs from
+the same start as the budget runs (runs/c10_r38_shipped_rl_a<A>) and the same short ft after each of both
+(runs/c10_r38_shipped_ft<E>_<t|a><value>, `eval_ft.json`: the SWA average).
 """
 import glob
 import json
@@ -46,8 +48,26 @@ def budget_runs(root='runs'):
     return rows
 
 
+def same_start_runs(root='runs'):
+    """rl stage and, where run, ft of every run from the shipped backbone: {'t0.4': {...}, 'a1.0': {...}}."""
+    out = {}
+    for d in sorted(glob.glob(os.path.join(root, 'c10_r38_shipped_rl_*'))):
+        key = os.path.basename(d).rsplit('_', 1)[1]
+        path = os.path.join(d, 'eval_rl.json')
+        if not os.path.exists(path):
+            continue
+        s = json.load(open(path))
+        row = dict(key=key, rl_macs=100.0 * s['macs_mean'] / s['macs_full'], rl_top1=s['top1'])
+        for ft in sorted(glob.glob(os.path.join(root, f'c10_r38_shipped_ft*_{key}', 'eval_ft.json'))):
+            f = json.load(open(ft))
+            row.update(ft_name=os.path.basename(os.path.dirname(ft)), ft_macs=100.0 * f['macs_mean'] / f['macs_full'],
+                       ft_top1=f['top1'])
+        out[key] = row
+    return out
+
+
 def main():
-    alphas, budgets = alpha_runs(), budget_runs()
+    alphas, budgets, same = alpha_runs(), budget_runs(), same_start_runs()
     print('| run | trained to | MACs (% of full) | top-1 (%) | gates deciding per image | distinct paths |')
     print('|---|---|---:|---:|---:|---:|')
     for b in budgets:
@@ -58,6 +78,13 @@ def main():
         print(f'| {name} | alpha {alpha:g} ({label}) | {macs:.1f} | {top1:.2f} | | |')
     for b in budgets:
         print(f"{b['name']} per-gate execution rates: {' '.join(f'{r:.2f}' for r in b['rates'])}")
+    print('\n| from the shipped backbone | rl: MACs (% of full) | rl: top-1 (%) | after the same ft: MACs | top-1 (%) '
+          '|')
+    print('|---|---:|---:|---:|---:|')
+    for key, r in sorted(same.items(), key=lambda kv: kv[1]['rl_macs']):
+        trained = f'--target-macs {key[1:]}' if key.startswith('t') else f'--alpha {key[1:]}'
+        ft = (f"{r['ft_macs']:.1f} | {r['ft_top1']:.2f}" if 'ft_top1' in r else '| ')
+        print(f"| {trained} | {r['rl_macs']:.1f} | {r['rl_top1']:.2f} | {ft} |")
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -72,6 +99,19 @@ def main():
                 label='--target-macs, rl stage (from the shipped backbone)')
         for b in budgets:
             ax.axvline(b['target_pct'], ls=':', color='black', lw=1)
+    same_alpha = sorted((r for k, r in same.items() if k.startswith('a')), key=lambda r: r['rl_macs'])
+    if same_alpha:
+        ax.plot([r['rl_macs'] for r in same_alpha], [r['rl_top1'] for r in same_alpha], 's', ms=8, color='tab:red',
+                label='--alpha, rl stage (from the shipped backbone)')
+        for r in same_alpha:
+            ax.annotate(r['key'][1:], (r['rl_macs'], r['rl_top1']), xytext=(4, -10), textcoords='offset points',
+                        fontsize=7)
+    for marker, color, start in (('*', 'black', 't'), ('s', 'tab:red', 'a')):
+        done = sorted((r for k, r in same.items() if k.startswith(start) and 'ft_top1' in r),
+                      key=lambda r: r['ft_macs'])
+        if done:
+            ax.plot([r['ft_macs'] for r in done], [r['ft_top1'] for r in done], marker, ms=12 if marker == '*' else 8,
+                    mfc='none', color=color, label=f"after the same ft ({'target' if start == 't' else 'alpha'})")
     ax.set_xlabel('MACs per image, % of the full ResNet-38 (exact, gates included); dotted: the targets')
     ax.set_ylabel('top-1 on the 10,000 test images (%)')
     ax.set_title('SkipNet-38, CIFAR-10: rl to a MACs budget vs the alpha sweep')
