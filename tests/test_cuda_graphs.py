@@ -89,3 +89,35 @@ def test_cuda_graph_replays_equal_eager_logits_on_the_published_model(batch, ove
             torch.testing.assert_close(got, sparse, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match='recorded for inputs of shape'):
         graphed(torch.randn(batch + 1, 3, 32, 32, device='cuda'))
+
+
+def test_a_recording_branches_once_per_gated_block_at_batch_1_and_once_per_gate_fallback_in_a_batch(monkeypatch):
+    """Under eager_control_flow every decision goes through the cond operator (a conditional node when recorded),
+    none through a host read."""
+    import timm_skipnet.skipnet as skipnet
+    calls = []
+    real_cond = skipnet._cond
+
+    def counting_cond(pred, *args):
+        calls.append(tuple(pred.shape))
+        return real_cond(pred, *args)
+    monkeypatch.setattr(skipnet, '_cond', counting_cond)
+    model = _model(capacity=0.5, overflow='exact')
+    model.set_execution('static')
+    with torch.inference_mode(), eager_control_flow():
+        model(torch.randn(1, 3, 32, 32))
+        assert len(calls) == model.num_gated_blocks
+        calls.clear()
+        model(torch.randn(8, 3, 32, 32))
+    capped = sum(model.gate_capacity_for(k, 8) < 8 for k in range(model.num_gated_blocks))
+    assert capped > 0 and len(calls) == capped  # one exact-fallback branch per gate whose sub-batch is smaller
+    calls.clear()
+    with torch.inference_mode():
+        model(torch.randn(1, 3, 32, 32))  # outside the block: Python branches, no cond operator
+    assert not calls
+
+
+def test_recording_a_module_around_a_skipnet_is_refused():
+    wrapper = torch.nn.Sequential(_model())
+    with pytest.raises(ValueError, match='Record the SkipNet itself'):
+        CUDAGraphed(wrapper.eval(), torch.randn(2, 3, 32, 32))

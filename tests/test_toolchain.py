@@ -91,3 +91,21 @@ def test_torchvision_feature_extraction_traces_train_and_eval_graphs(name, kwarg
         _mixed_decisions(model, x)
         torch.testing.assert_close(out[eval_nodes[-1]], model(x), rtol=1e-5, atol=1e-5)
     assert extractor.train()(x)[train_nodes[-1]].shape == (3, model.num_classes)
+
+
+def test_fx_concrete_args_choose_the_traced_policy():
+    model = _gated('skipnet_resnet38_cifar', {})
+    x = torch.randn(2, 3, 32, 32)
+    opened = torch.fx.symbolic_trace(model, concrete_args={'gate_policy': 'open'})
+    with torch.no_grad():
+        got = opened(x, 'open')  # FX checks a concrete argument's value on every call
+        torch.testing.assert_close(got, model(x, gate_policy='open'), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got, model(x))  # the greedy gates skip blocks: another output
+
+
+def test_scripting_a_module_that_holds_a_skipnet_is_refused_and_leaves_it_intact():
+    model = _gated('skipnet_resnet38_cifar', {})
+    wrapper = torch.nn.Sequential(model, torch.nn.Softmax(dim=1)).eval()
+    with pytest.raises(RuntimeError, match='Script the SkipNet itself'):
+        torch.jit.script(wrapper)
+    assert wrapper[0] is model  # not replaced by its trace

@@ -280,6 +280,8 @@ def main(args) -> None:
                          'use --device cpu or run on a GPU machine.')
     where = device_name(args.device)
     if args.train:
+        if args.mode not in ('eager', 'compiled'):
+            raise SystemExit(f'--train times eager or compiled steps: --mode eager or compiled, not {args.mode}.')
         rows = run_train_bench(args.model, args.batch_sizes[0], steps=args.steps, device=args.device,
                                compile=args.mode == 'compiled')
         print(f"# training step, {args.model}, batch {args.batch_sizes[0]}, {where}"

@@ -77,6 +77,10 @@ class CUDAGraphed:
 
     def __init__(self, model: nn.Module, example: torch.Tensor, warmup: int = 3,
                  pool: Optional[tuple] = None):
+        inner = [m for m in model.modules() if isinstance(m, SkipNetResNet)]
+        if inner and not isinstance(model, SkipNetResNet):
+            raise ValueError(f'Record the SkipNet itself, not the {type(model).__name__} around it: only a SkipNet '
+                             'switches to its static, sync-free path while it is recorded.')
         if model.training:
             raise ValueError('CUDA-graph an inference model: call model.eval() first (training updates BatchNorm '
                              'statistics and samples the gates).')
@@ -98,14 +102,17 @@ class CUDAGraphed:
         self.static_input = example.detach().clone()
         self.graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), _static_execution(model):
+            counted = model.gate_overflow.clone() if isinstance(model, SkipNetResNet) else None
             side = torch.cuda.Stream(device=example.device)
-            side.wait_stream(torch.cuda.current_stream(example.device))
+            side.wait_stream(torch.cuda.current_stream(example.device))  # after the copy above
             with torch.cuda.stream(side), warm_mode:
                 for _ in range(max(1, warmup)):  # cuDNN / cuBLAS choose their kernels outside the recording
                     model(self.static_input)
             torch.cuda.current_stream(example.device).wait_stream(side)
             with torch.cuda.graph(self.graph, pool=pool), capture_mode:
                 self.static_output = model(self.static_input)
+            if counted is not None:  # the warm-up calls count no overflow; replays do
+                model.gate_overflow.copy_(counted)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape != self.static_input.shape:

@@ -57,9 +57,11 @@ class _ExportRecurrentGates(nn.Module):
 
 
 def prepare_for_export(model) -> nn.Module:
-    """A copy of ``model`` (eval, static execution) with what a graph runtime needs no branch for resolved now: the
-    thresholds as constants (a forced gate becomes a plain block or shortcut; the others one compare) and, for RNN
-    gates, the folded gates of :class:`_ExportRecurrentGates`."""
+    """A copy of ``model`` (eval, static execution) to export, with what a graph runtime needs no branch for resolved
+    now: the thresholds as constants (a forced gate becomes a plain block or shortcut; the others one compare) and,
+    for RNN gates, the folded gates of :class:`_ExportRecurrentGates`. For its logits only: a snapshot of the
+    thresholds and weights (later changes to ``model`` do not reach it), and its RNN gates return (B, 1) logits, so
+    ``forward_with_gates`` does not apply to it."""
     net = copy.deepcopy(model).eval()
     net.set_execution('static')
     net._greedy_rules()  # the thresholds as Python floats, with the forced gates marked

@@ -14,6 +14,8 @@ model class only replaces the trunk loop. Two execution modes:
 """
 import contextlib
 import math
+import sys
+import threading
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -56,7 +58,7 @@ class SkipNetTrace:
         return 1 + self.actions.sum(1)
 
 
-_EAGER_CONTROL_FLOW = [False]  # set by eager_control_flow(): eager calls emit torch.cond, as under torch.compile
+_EAGER_CONTROL_FLOW = threading.local()  # .on, set by eager_control_flow() for this thread only
 
 
 @contextlib.contextmanager
@@ -64,17 +66,17 @@ def eager_control_flow():
     """Within this block the static path branches with ``torch.cond`` in eager mode too, instead of reading the
     decision back to the host: recorded into a CUDA graph, each branch becomes a conditional node decided on the
     device (:mod:`timm_skipnet.cuda_graphs`)."""
-    previous = _EAGER_CONTROL_FLOW[0]
-    _EAGER_CONTROL_FLOW[0] = True
+    previous = getattr(_EAGER_CONTROL_FLOW, 'on', False)
+    _EAGER_CONTROL_FLOW.on = True
     try:
         yield
     finally:
-        _EAGER_CONTROL_FLOW[0] = previous
+        _EAGER_CONTROL_FLOW.on = previous
 
 
 def _control_flow_ops() -> bool:
     """Branch with torch.cond (compiling, exporting, or recording a CUDA graph) rather than a Python if."""
-    return torch.compiler.is_compiling() or _EAGER_CONTROL_FLOW[0]
+    return torch.compiler.is_compiling() or getattr(_EAGER_CONTROL_FLOW, 'on', False)
 
 
 def _cond(pred: torch.Tensor, true_fn, false_fn, operands: tuple) -> torch.Tensor:
@@ -83,6 +85,14 @@ def _cond(pred: torch.Tensor, true_fn, false_fn, operands: tuple) -> torch.Tenso
     if torch.compiler.is_compiling():
         return torch.cond(pred, true_fn, false_fn, operands)
     return torch.ops.higher_order.cond(pred, true_fn, false_fn, operands)
+
+
+def _fx_symbolic_tracing() -> bool:
+    """torch.fx.symbolic_trace in progress (not torch.export, which sets the older, shared flag too)."""
+    fx = torch.fx._symbolic_trace
+    if hasattr(fx, 'is_fx_symbolic_tracing'):  # torch >= 2.9
+        return fx.is_fx_symbolic_tracing()
+    return fx.is_fx_tracing() and not torch.compiler.is_compiling()
 
 
 def _branch_block(block: nn.Module, x: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
@@ -94,7 +104,7 @@ def _branch_block(block: nn.Module, x: torch.Tensor, pred: torch.Tensor) -> torc
 def _is_tracing() -> bool:
     """Compiling, exporting, scripting or FX-tracing: no host reads, no data-dependent shapes."""
     return (torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing()
-            or torch.fx._symbolic_trace.is_fx_symbolic_tracing())
+            or _fx_symbolic_tracing())
 
 
 def _shortcut(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +144,9 @@ def _block_and_shortcut(block: nn.Module, x: torch.Tensor,
     gradient checkpointing the recomputation reuses the same projection."""
     if block.downsample is None:
         return (checkpoint(block, x, use_reentrant=False) if use_ckpt else block(x)), x
-    if torch.fx._symbolic_trace.is_fx_symbolic_tracing():  # FX records calls of installed submodules only
+    if _fx_symbolic_tracing():
+        # FX records calls of installed submodules only, so the projection runs twice in an FX graph (in a training
+        # graph its BatchNorm statistics then move twice per step: train with eager or torch.compile)
         return block(x), block.downsample(x)
     short = block.downsample(x)
     y = (checkpoint(_run_given_shortcut, block, x, short, use_reentrant=False) if use_ckpt
@@ -544,7 +556,8 @@ class SkipNetResNet(ResNet):
                     x = _branch_block(block, x, run)
                     continue
                 run = run.reshape(-1)
-                margin = logits.float().reshape(-1) - value if x.shape[0] > 1 else run
+                # the capacity ranks running images first; a NaN logit ranks last, as in _greedy_margin
+                margin = torch.where(run, logits.float().reshape(-1) - value, -torch.inf) if x.shape[0] > 1 else run
                 x = self._run_static(block, x, run, k, margin)
                 continue
             margin = _greedy_margin(logits, thr[k])
@@ -632,9 +645,9 @@ class SkipNetResNet(ResNet):
     ) -> Union[torch.Tensor, SkipNetTrace]:
         """Logits, as every timm model. ``return_trace=True`` gives a :class:`SkipNetTrace` instead; passing it as a
         forward argument (not a separate method) keeps DDP / Accelerate gradient hooks working in training."""
-        if isinstance(gate_policy, torch.fx.Proxy) or isinstance(return_trace, torch.fx.Proxy):
-            # FX symbolic tracing makes every argument a proxy: the traced graph is the default call (logits)
-            gate_policy, return_trace = None, False
+        # FX symbolic tracing makes every argument not given in concrete_args a proxy: those take their defaults
+        gate_policy = None if isinstance(gate_policy, torch.fx.Proxy) else gate_policy
+        return_trace = False if isinstance(return_trace, torch.fx.Proxy) else return_trace
         x, _, trace = self._forward_trunk(x, gate_policy, with_trace=return_trace)
         logits = self.forward_head(x)
         if not return_trace:
@@ -685,6 +698,15 @@ class SkipNetResNet(ResNet):
         """``torch.jit.script(model)``: the scriptable form, a trace of the eval-mode inference network (see
         :mod:`timm_skipnet.torchscript`; TorchScript cannot compile the gate loop itself)."""
         from .torchscript import scriptable
+        frame, depth = sys._getframe(1), 0
+        while frame is not None:  # torch writes a child's replacement back into its parent: refuse that
+            depth += frame.f_code.co_name == 'call_prepare_scriptable_func_impl'
+            frame = frame.f_back
+        if depth > 1:
+            raise RuntimeError(
+                'torch.jit.script reached a SkipNet inside another module: TorchScript cannot compile its gate loop, '
+                'and replacing it there by its trace would change your eager model. Script the SkipNet itself '
+                '(torch.jit.script(skipnet)), or torch.jit.trace the whole model in eval mode.')
         return scriptable(self)
 
     @torch.jit.ignore

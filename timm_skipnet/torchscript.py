@@ -4,8 +4,8 @@ network.
 TorchScript's compiler cannot read the gate loop (a ModuleList indexed by the gate number, policies as strings,
 the trace record as a dataclass), and torch itself now marks ``torch.jit`` as deprecated in favour of
 ``torch.export`` and ``torch.compile``. So scripting a SkipNet scripts a thin module around a trace of its dense
-greedy path: every block computed and each image's output taken from its own gate (``torch.where`` on the
-decision), which equals real skipping on every input, any batch size. Like any trace, the script shares the
+greedy path: every block computed and each image's output mixed by its own 0/1 decision, which equals real skipping
+on every finite input, any batch size. Like any trace, the script shares the
 model's parameters and buffers (in-place changes such as ``set_gate_thresholds`` reach it; ``torch.jit.save``
 stores them); it does not skip work. Real skipping in a deployable graph: ``torch.export`` (torch.cond per
 block) or ONNX (:mod:`timm_skipnet.onnx_export`).
@@ -38,7 +38,8 @@ def trace_inference(model: nn.Module, example: Optional[torch.Tensor] = None) ->
                          'SkipNet (training samples the gates and updates BatchNorm statistics).')
     if example is None:
         ref = next(model.parameters())
-        example = torch.zeros(2, *model.pretrained_cfg['input_size'], device=ref.device, dtype=ref.dtype)
+        size = (getattr(model, 'pretrained_cfg', None) or {}).get('input_size') or (3, 224, 224)
+        example = torch.zeros(2, *size, device=ref.device, dtype=ref.dtype)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='.*torch.jit.*deprecated.*')
         return torch.jit.trace(model, example, check_trace=False)
