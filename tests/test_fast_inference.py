@@ -66,6 +66,21 @@ def test_folded_gates_give_the_unfolded_logits_and_decisions(gate_type):
             assert torch.equal(lf > 0, lu > 0)
 
 
+def test_folded_pooling_scale_follows_the_feature_map_size():
+    """The folded gate sums instead of averaging, with 1 / (H W) in its weights: a gate that sees another image
+    size (the same weights at 32 and at 48 px) must scale by that size, not the first one it saw."""
+    model = _model()
+    folded, bank = model.gates.folded(), model.gates
+    with torch.no_grad():
+        for size in (8, 12, 8):
+            x = torch.randn(4, 16, size, size) + 1.0  # a non-zero mean, so a wrong scale moves the logit
+            lf, _ = folded(0, x, folded.init_state(x))
+            lu, _ = bank(0, x, bank.init_state(x))
+            torch.testing.assert_close(lf, lu, rtol=1e-5, atol=1e-5)
+            column, _ = folded.head_logit(0, x, folded.init_state(x))
+            assert column.shape == (4, 1) and torch.equal(column.squeeze(1), lf)
+
+
 def test_folded_gates_are_rebuilt_after_a_weight_change_and_dropped_in_training():
     model = _model()
     first = model.gates.folded()

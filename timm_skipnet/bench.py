@@ -11,6 +11,7 @@ S   = latency(plain) / latency(SkipNet)                            -- the measur
 eta = S / R                                                          -- the share of the ideal that is realised
 """
 import copy
+import functools
 import statistics
 import time
 from typing import Dict, List, Sequence
@@ -125,40 +126,25 @@ def calibrate_gates(skip, x: torch.Tensor, rate: float, seed: int = 0) -> float:
 
 def _variants(plain, skip, x, rate, table, macs_seen, calib) -> Dict:
     """The timed callables for one input batch. SkipNet rows run the inference path (greedy gates, no trace);
-    the MACs their decisions cost are taken from one traced, untimed call on the same batch."""
-    layers = _final_layers(skip.gates)
-    calibrate_gates(skip, calib, rate)
-    calibrated = [(layer.weight.clone(), layer.bias.clone()) for layer in layers]
-    state = {}
-
-    @torch.no_grad()
-    def setup(p):  # switching costs two tiny copies per gate layer, outside nothing heavy
-        if p >= 1.0:
-            skip.gates.set_constant_probability(1.0)
-        else:
-            for layer, (w, b) in zip(layers, calibrated):
-                layer.weight.copy_(w)
-                layer.bias.copy_(b)
-        # the models were built under inference_mode, whose tensors count no in-place updates: eval() drops the
-        # folded gates so the next call folds the weights just copied
-        skip.eval()
-        state['p'] = p
-
-    def gated(execution, p):
-        def fn():
-            if state.get('p') != p:
-                setup(p)
-            skip.set_execution(execution)
-            skip(x)
-        return fn
-
-    setup(rate)
-    macs_seen.append(table.per_image_macs(skip.forward_with_gates(x).actions))
-    return {
-        'plain timm ResNet': lambda: plain(x),
-        'SkipNet, all gates open': gated('sparse', 1.0),
-        f'SkipNet dense, rate {rate:g}': gated('dense', rate),
-        f'SkipNet sparse, rate {rate:g}': gated('sparse', rate),
+    the MACs their decisions cost are taken from one traced, untimed call on the same batch. Each variant has its own
+    copy of the model: switching gate weights between timed calls would refold the gates inside the timing and count
+    the refold as gate cost."""
+    opened = copy.deepcopy(skip)
+    opened.gates.set_constant_probability(1.0)
+    dense = copy.deepcopy(skip)
+    calibrate_gates(dense, calib, rate)
+    sparse = copy.deepcopy(dense)
+    dense.set_execution('dense')
+    sparse.set_execution('sparse')
+    opened.set_execution('sparse')
+    for m in (opened, dense, sparse):  # built under inference_mode, whose in-place edits count no versions
+        m.eval()
+    macs_seen.append(table.per_image_macs(sparse.forward_with_gates(x).actions))
+    return {  # partials: the model each row times is its ``.func``
+        'plain timm ResNet': functools.partial(plain, x),
+        'SkipNet, all gates open': functools.partial(opened, x),
+        f'SkipNet dense, rate {rate:g}': functools.partial(dense, x),
+        f'SkipNet sparse, rate {rate:g}': functools.partial(sparse, x),
     }
 
 

@@ -5,7 +5,8 @@ LSTM cell and head are about a dozen dispatcher calls. In eval mode the gate ban
 
 * RNN gates: the per-block projection ``e = W_k p + b_k`` meets the LSTM's input weights with no non-linearity in
   between, so ``W_ih e + b_ih = (W_ih W_k) p + (W_ih b_k + b_ih)``: one fused ``lstm_cell`` call takes the pooled
-  features directly. Products are formed in float64 and rounded once.
+  features directly. The pooling's ``1 / (H W)`` goes into the same weights (one ``sum`` instead of a sum and a
+  divide), per feature-map size. Products are formed in float64 and rounded once.
 * FF gates: each BatchNorm (running statistics) is folded into the convolution before it.
 
 The copy is rebuilt whenever a gate parameter or buffer changes (in-place updates bump tensor versions; moves
@@ -14,7 +15,7 @@ under ``torch.inference_mode`` keep no version counter: after editing such weigh
 to drop the copy. Logits agree with the unfolded gates to float
 rounding; decisions agree except for a logit within rounding of its threshold.
 """
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +63,10 @@ class FoldedRecurrentGates:
         dtype = lstm.weight_ih.dtype
         w_ih = lstm.weight_ih.double()
         bias = lstm.bias_ih.double() + lstm.bias_hh.double()
-        self.w_in: List[torch.Tensor] = [(w_ih @ e.weight.double()).to(dtype) for e in bank.embed]
+        w_in64 = [w_ih @ e.weight.double() for e in bank.embed]
+        self.w_in: List[torch.Tensor] = [w.to(dtype) for w in w_in64]
+        self._w_in64 = w_in64
+        self._w_sum: Dict[Tuple[int, int], torch.Tensor] = {}  # (gate, H * W) -> W_in / (H * W)
         self.b_in: List[torch.Tensor] = [(w_ih @ e.bias.double() + bias).to(dtype) for e in bank.embed]
         self.w_hh = lstm.weight_hh.detach().clone()
         # both biases are folded into b_in; CUDA's fused cell needs b_hh given whenever b_ih is (else it fails with
@@ -81,11 +85,20 @@ class FoldedRecurrentGates:
         h = torch.zeros(x.shape[0], self.hidden_dim, device=x.device, dtype=self.dtype)
         return h, h
 
+    def head_logit(self, index: int, x: torch.Tensor, state: GateState) -> Tuple[torch.Tensor, GateState]:
+        """The logits as a (B, 1) column: the batch-1 path reads its one value with ``.item()``, no squeeze."""
+        size = x.shape[2] * x.shape[3]
+        w = self._w_sum.get((index, size))
+        if w is None:
+            w = self._w_sum[(index, size)] = (self._w_in64[index] / size).to(self.dtype)
+        # bf16 / fp16 activations are summed with float32 accumulation, into the weights' dtype
+        pooled = x.sum((2, 3)) if x.dtype == self.dtype else x.sum((2, 3), dtype=self.dtype)
+        h, c = torch.lstm_cell(pooled, state, w, self.w_hh, self.b_in[index], self.b_hh)
+        return torch.addmm(self.head_b, h, self.head_w), (h, c)
+
     def __call__(self, index: int, x: torch.Tensor, state: GateState) -> Tuple[torch.Tensor, GateState]:
-        # bf16 / fp16 activations are pooled with float32 accumulation, into the weights' dtype
-        pooled = x.mean((2, 3)) if x.dtype == self.dtype else x.mean((2, 3), dtype=self.dtype)
-        h, c = torch.lstm_cell(pooled, state, self.w_in[index], self.w_hh, self.b_in[index], self.b_hh)
-        return torch.addmm(self.head_b, h, self.head_w).squeeze(1), (h, c)
+        logit, state = self.head_logit(index, x, state)
+        return logit.squeeze(1), state
 
 
 def _fold_bn(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -113,9 +126,13 @@ class FoldedFeedForwardGates:
     def init_state(self, x: torch.Tensor) -> GateState:
         return None
 
-    def __call__(self, index: int, x: torch.Tensor, state: GateState) -> Tuple[torch.Tensor, GateState]:
+    def head_logit(self, index: int, x: torch.Tensor, state: GateState) -> Tuple[torch.Tensor, GateState]:
         pool, convs, fc_w, fc_b = self.layers[index]
         x = pool(x)
         for weight, bias, stride, padding in convs:
             x = F.relu(F.conv2d(x, weight, bias, stride, padding))
-        return F.linear(x.mean((2, 3)), fc_w, fc_b).squeeze(1), state
+        return F.linear(x.mean((2, 3)), fc_w, fc_b), state
+
+    def __call__(self, index: int, x: torch.Tensor, state: GateState) -> Tuple[torch.Tensor, GateState]:
+        logit, state = self.head_logit(index, x, state)
+        return logit.squeeze(1), state

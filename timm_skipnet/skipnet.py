@@ -511,7 +511,7 @@ class SkipNetResNet(ResNet):
         state = gates.init_state(x)
         if x.shape[0] == 1:
             for k, block in enumerate(blocks[1:]):
-                logit, state = gates(k, x, state)
+                logit, state = gates.head_logit(k, x, state)
                 run = rules[k]
                 if run is None:
                     run = logit.item() > thr[k]  # float32 logit vs float32 threshold, compared exactly in Python
