@@ -12,6 +12,7 @@ eta = S / R                                                          -- the shar
 """
 import copy
 import functools
+import random
 import statistics
 import time
 from typing import Dict, List, Sequence
@@ -81,8 +82,11 @@ def run_bench(model_name: str = 'skipnet_resnet50', batch_sizes: Sequence[int] =
         for fn in variants.values():  # warm-up (compiles)
             fn()
         start = now()
+        order = list(variants.items())
+        shuffle = random.Random(seed).shuffle
         while now() - start < min_time * len(variants) or len(times[plain_name]) < min_iters:
-            for name, fn in variants.items():
+            shuffle(order)  # a new order each round: no variant always runs after the same one (caches, clocks)
+            for name, fn in order:
                 t0 = now()
                 fn()
                 times[name].append(now() - t0)
@@ -379,8 +383,10 @@ def run_train_bench(model_name: str = 'skipnet_resnet38_cifar', batch_size: int 
     times = {k: [] for k in variants}
     for fn in variants.values():
         fn()
-    for _ in range(steps):
-        for name, fn in variants.items():
+    order = list(variants.items())
+    for step in range(steps):
+        random.Random(step).shuffle(order)  # a new order each round, as in run_bench
+        for name, fn in order:
             t0 = now()
             fn()
             times[name].append(now() - t0)
@@ -415,8 +421,11 @@ def speedup_on_images(model, baseline, xs: torch.Tensor, settings: Sequence = ((
     median of ``rounds`` interleaved rounds, so background load drifts hit both alike."""
     out = {}
     for bs, n in settings:
-        runs = [(images_per_second(model, xs[:n], bs, device), images_per_second(baseline, xs[:n], bs, device))
-                for _ in range(rounds)]
+        runs = []
+        for r in range(rounds):  # alternate which runs first: neither always inherits the other's caches and clocks
+            pair = (model, baseline) if r % 2 == 0 else (baseline, model)
+            ips = {id(m): images_per_second(m, xs[:n], bs, device) for m in pair}
+            runs.append((ips[id(model)], ips[id(baseline)]))
         model_ips, base_ips = (statistics.median(r[i] for r in runs) for i in (0, 1))
         out[bs] = dict(images=min(n, len(xs)), model_img_per_s=model_ips, baseline_img_per_s=base_ips,
                        speedup=model_ips / base_ips)
