@@ -291,3 +291,41 @@ def test_folded_gates_run_on_cuda_and_decide_as_the_traced_gates(gate_type):
     with torch.no_grad():
         trace = model.forward_with_gates(x)
         torch.testing.assert_close(model(x), trace.logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('gate_type', ['rnn', 'ff1'])
+def test_gates_with_a_fixed_decision_are_computed_only_where_a_later_gate_reads_them(gate_type, monkeypatch):
+    """Thresholds 0 / 1 fix gates 0-2 and 4-16; gate 3 decides per image. RNN: gates 0-2 still step the LSTM (gate 3
+    reads their state) without a head, nothing runs after gate 3; FF: only gate 3 runs. Outputs equal the traced
+    model, which computes every gate."""
+    model = _model(gate_type)
+    k = model.num_gated_blocks
+    fixed = [-math.inf, math.inf, -math.inf, 0.0] + [math.inf, -math.inf] * ((k - 4) // 2) + [-math.inf] * (k % 2)
+    model.set_gate_thresholds(fixed, logits=True)
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        logits = model.forward_with_gates(x).gate_logits[:, 3].sort().values
+        fixed[3] = ((logits[2] + logits[3]) / 2).item()  # half of the images run block 4, none near the threshold
+        model.set_gate_thresholds(fixed, logits=True)
+        traced = model.forward_with_gates(x)
+        assert 0 < traced.actions[:, 3].mean() < 1  # gate 3 really decides per image
+        model(x)  # folds once
+        calls = []
+        bank = type(model.gates.folded())
+        def recording(name):
+            real = getattr(bank, name)
+
+            def method(self, index, *args):
+                calls.append((name, index))
+                return real(self, index, *args)
+            return method
+        for name in ('head_logit', 'advance'):
+            monkeypatch.setattr(bank, name, recording(name))
+        for batch in (x, x[:1]):
+            calls.clear()
+            out = model(batch)
+            torch.testing.assert_close(out, traced.logits[:len(batch)], rtol=1e-5, atol=1e-5)
+            expected = [('head_logit', 3)]
+            if gate_type == 'rnn':
+                expected = [('advance', 0), ('advance', 1), ('advance', 2)] + expected
+            assert calls == expected

@@ -1,4 +1,5 @@
 """`timm-skipnet threshold`: one gate's threshold set from real images runs its block for the asked share."""
+import os
 import subprocess
 import sys
 
@@ -20,6 +21,7 @@ from timm_skipnet.data import (
 from timm_skipnet.loading import load_weights
 
 CLI = [sys.executable, '-m', 'timm_skipnet.cli', 'threshold']
+PUBLISHED = os.path.join(os.path.dirname(__file__), '..', 'hub_configs', 'skipnet_resnet38_cifar.cifar10')
 
 
 @pytest.mark.slow
@@ -154,8 +156,12 @@ def test_the_budget_search_measures_the_greedy_policy_in_eval_mode_and_a_failed_
 def test_a_macs_reduction_out_of_reach_or_mixed_with_gate_and_rate_is_refused(cifar10_slice, tmp_path):
     out = tmp_path / 'out.safetensors'
     base = ['--dataset', cifar10_slice, '--max-images', '8']
-    with pytest.raises(ValueError, match='either --gate and --rate'):
+    with pytest.raises(ValueError, match='Pass one of: --gate and --rate'):
         _threshold_cli(base + ['--macs-reduction', '30', '--gate', '0', '--rate', '0.5'], out)
+    with pytest.raises(ValueError, match='Pass one of'):
+        _threshold_cli(base + ['--macs-reduction', '30', '--harden'], out)
+    with pytest.raises(ValueError, match=r'--tolerance .* in \[0, 0.5\)'):
+        _threshold_cli(base + ['--harden', '--tolerance', '0.5'], out)
     # 99 % is more than skipping every gated block saves (the stem, first block and head always run)
     with pytest.raises(ValueError, match='out of reach'):
         _threshold_cli(base + ['--macs-reduction', '99'], out)
@@ -185,3 +191,45 @@ def test_the_budget_offset_is_the_middle_of_the_smallest_offsets_that_reach_the_
     lo, hi = margins[closed - 1], margins[closed]  # every offset in [lo, hi) closes exactly `closed` gates
     assert n == 4 and saved == pytest.approx(saving(closed), rel=0, abs=1e-9)
     assert lo <= offset < hi and offset == pytest.approx((lo + hi) / 2, abs=1e-3)
+
+
+def test_hardening_fixes_exactly_the_gates_that_never_vary_and_keeps_every_decision_on_those_images(
+        cifar10_slice, tmp_path):
+    """The published model on 500 real training images: the gates that decide one way for all of them get a forced
+    threshold (0 or 1), the per-image ones keep theirs; the saved model decides and predicts exactly as before on
+    those images, on the fast paths too; the CLI saves the same thresholds."""
+    from safetensors.torch import load_file
+
+    from timm_skipnet.policy import THRESHOLD_LOGIT_LIMIT
+    from timm_skipnet.thresholds import harden_static_gates
+    model = timm.create_model(f'local-dir:{PUBLISHED}', pretrained=True).eval()
+    spec = DataSpec(cifar10_slice)
+    loader = make_loader(spec, 'train', build_transforms(model, False), 250, limit=500)
+    xs = torch.cat([x for x, _, _ in loader])
+    with torch.no_grad():
+        before = model.forward_with_gates(xs)
+    rates = before.actions.mean(0)
+    constant = [k for k, r in enumerate(rates.tolist()) if r in (0.0, 1.0)]
+    assert 0 < len(constant) < model.num_gated_blocks  # the published model has both kinds
+    hardened, measured, n = harden_static_gates(model, loader)
+    assert hardened == constant and n == 500
+    torch.testing.assert_close(torch.tensor(measured, dtype=torch.float64), rates.double())
+    thr = model.gate_threshold_logits
+    for k in range(model.num_gated_blocks):
+        if k in constant:  # forced: at the limit, where the greedy rule ignores the logit
+            assert thr[k].abs().item() >= THRESHOLD_LOGIT_LIMIT
+            assert model.gate_thresholds[k].item() == (0.0 if rates[k] == 1 else 1.0)
+        else:
+            assert thr[k].item() == 0.0  # the p > 0.5 rule, untouched
+    with torch.no_grad():
+        after = model.forward_with_gates(xs)
+        assert torch.equal(after.actions, before.actions)
+        torch.testing.assert_close(model(xs), before.logits, rtol=0, atol=1e-5)  # the fast path
+        torch.testing.assert_close(torch.cat([model(x[None]) for x in xs[:20]]), before.logits[:20], rtol=0,
+                                   atol=1e-5)
+
+    out = tmp_path / 'hardened.safetensors'
+    from timm_skipnet import cli
+    cli.main(['threshold', '--model', f'local-dir:{PUBLISHED}', '--pretrained', '--dataset', cifar10_slice,
+              '--max-images', '500', '--sample', 'first', '--harden', '--output', str(out)])
+    torch.testing.assert_close(load_file(str(out))['gate_threshold_logits'], thr)

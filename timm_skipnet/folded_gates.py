@@ -85,16 +85,25 @@ class FoldedRecurrentGates:
         h = torch.zeros(x.shape[0], self.hidden_dim, device=x.device, dtype=self.dtype)
         return h, h
 
+    recurrent = True  # a later gate reads this gate's state
+
+    def advance(self, index: int, x: torch.Tensor, state: GateState) -> GateState:
+        """The LSTM step alone: a gate whose decision is fixed still feeds its state to the per-image gates after it."""
+        return self._cell(index, x, state)
+
     def head_logit(self, index: int, x: torch.Tensor, state: GateState) -> Tuple[torch.Tensor, GateState]:
         """The logits as a (B, 1) column: the batch-1 path reads its one value with ``.item()``, no squeeze."""
+        h, c = self._cell(index, x, state)
+        return torch.addmm(self.head_b, h, self.head_w), (h, c)
+
+    def _cell(self, index: int, x: torch.Tensor, state: GateState) -> Tuple[torch.Tensor, torch.Tensor]:
         size = x.shape[2] * x.shape[3]
         w = self._w_sum.get((index, size))
         if w is None:
             w = self._w_sum[(index, size)] = (self._w_in64[index] / size).to(self.dtype)
         # bf16 / fp16 activations are summed with float32 accumulation, into the weights' dtype
         pooled = x.sum((2, 3)) if x.dtype == self.dtype else x.sum((2, 3), dtype=self.dtype)
-        h, c = torch.lstm_cell(pooled, state, w, self.w_hh, self.b_in[index], self.b_hh)
-        return torch.addmm(self.head_b, h, self.head_w), (h, c)
+        return torch.lstm_cell(pooled, state, w, self.w_hh, self.b_in[index], self.b_hh)
 
     def __call__(self, index: int, x: torch.Tensor, state: GateState) -> Tuple[torch.Tensor, GateState]:
         logit, state = self.head_logit(index, x, state)
@@ -125,6 +134,11 @@ class FoldedFeedForwardGates:
 
     def init_state(self, x: torch.Tensor) -> GateState:
         return None
+
+    recurrent = False  # every gate reads only its own block's input
+
+    def advance(self, index: int, x: torch.Tensor, state: GateState) -> GateState:
+        return state
 
     def head_logit(self, index: int, x: torch.Tensor, state: GateState) -> Tuple[torch.Tensor, GateState]:
         pool, convs, fc_w, fc_b = self.layers[index]

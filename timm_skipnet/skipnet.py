@@ -496,6 +496,13 @@ class SkipNetResNet(ResNet):
             self._rules = [True if v <= -THRESHOLD_LOGIT_LIMIT else False if v >= THRESHOLD_LOGIT_LIMIT else None
                            for v in values]
             self._threshold_floats = values
+            last = max((k for k, rule in enumerate(self._rules) if rule is None), default=-1)
+            recurrent = self.gates.folded().recurrent
+            # per gate: 'decide' (compute it), 'advance' (its decision is fixed, but a later per-image RNN gate
+            # reads its state), or 'none' (nothing reads it: a fixed FF gate, or a fixed RNN gate after the last
+            # per-image one)
+            self._gate_work = ['decide' if rule is None else 'advance' if recurrent and k < last else 'none'
+                               for k, rule in enumerate(self._rules)]
             self._rules_key = key
         return self._rules
 
@@ -504,6 +511,7 @@ class SkipNetResNet(ResNet):
         read per gate; in a batch the running images are gathered, run and scattered back."""
         gates = self.gates.folded()
         rules = self._greedy_rules()
+        work = self._gate_work  # a gate whose threshold fixes its decision is computed only if a later gate reads it
         thr = self._threshold_floats
         x = self.maxpool(self._forward_stem(x))
         blocks = self.blocks()
@@ -511,26 +519,25 @@ class SkipNetResNet(ResNet):
         state = gates.init_state(x)
         if x.shape[0] == 1:
             for k, block in enumerate(blocks[1:]):
-                logit, state = gates.head_logit(k, x, state)
                 run = rules[k]
                 if run is None:
+                    logit, state = gates.head_logit(k, x, state)
                     run = logit.item() > thr[k]  # float32 logit vs float32 threshold, compared exactly in Python
+                elif work[k] == 'advance':
+                    state = gates.advance(k, x, state)
                 x = block(x) if run else _shortcut(block, x)
             return x
         reuse_input = not (torch.is_grad_enabled() or self._has_forward_hooks())
         thr_t = self.gate_threshold_logits
         for k, block in enumerate(blocks[1:]):
-            logits, state = gates(k, x, state)
             run = rules[k]
             if run is None:
-                run = logits.float() > thr_t[k]
-            elif run:
-                x = block(x)
+                logits, state = gates(k, x, state)
+                x = _run_sparse(block, x, logits.float() > thr_t[k], reuse_input=reuse_input)
                 continue
-            else:
-                x = _shortcut(block, x)
-                continue
-            x = _run_sparse(block, x, run, reuse_input=reuse_input)
+            if work[k] == 'advance':
+                state = gates.advance(k, x, state)
+            x = block(x) if run else _shortcut(block, x)
         return x
 
     def _forward_greedy_static(self, x: torch.Tensor) -> torch.Tensor:

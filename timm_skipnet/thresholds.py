@@ -7,6 +7,13 @@ compute budget, without retraining. The share is measured on a split you choose 
 split stays unseen); the weights are saved with the new threshold (``gate_threshold_logits`` travels with them).
 Calibrated on the gates' logits, the quantity the greedy policy compares, so the share printed is the share the
 model will run, also for gates whose probabilities all round to 1.
+
+The reverse also pays: most gates of a REINFORCE-trained SkipNet decide the same way for every image. Hardening
+(``--harden``) fixes such a gate's decision (threshold 0: always run; 1: never), so that only the per-image gates
+cost anything at inference (a fixed RNN gate is still stepped where a later per-image gate reads its state; an ONNX
+export has no branch for it). It changes what the model does on an image the gate would have decided otherwise, so
+it is opt-in and measured: the rates printed are on the calibration split, and ``eval`` on the test split tells the
+accuracy and MACs of the result.
 """
 import os
 
@@ -44,6 +51,37 @@ def set_threshold_for_rate(model, loader, gate: int, rate: float) -> tuple:
     thresholds[gate] = t
     model.set_gate_thresholds(thresholds.tolist(), logits=True)
     return t, (logits > model.gate_threshold_logits[gate].cpu()).float().mean().item(), len(logits)
+
+
+def check_tolerance(tolerance: float) -> None:
+    if not 0.0 <= tolerance < 0.5:
+        raise ValueError(f'--tolerance is the share of images a gate may decide otherwise, in [0, 0.5), got '
+                         f'{tolerance}.')
+
+
+@torch.no_grad()
+def harden_static_gates(model, loader, tolerance: float = 0.0) -> tuple:
+    """Fix the decision of every gate that runs its block for at most ``tolerance`` or at least ``1 - tolerance`` of
+    ``loader``'s images (greedy, the current thresholds). Returns ``(hardened gates, per-gate rates, images)``."""
+    from .capacity import gate_rates
+    from .policy import THRESHOLD_LOGIT_LIMIT
+    check_tolerance(tolerance)
+    count = [0]
+
+    def images():
+        for x, _, _ in loader:
+            if x is not None:
+                count[0] += x.shape[0]
+                yield x
+    rates = gate_rates(model, images())
+    thresholds = model.gate_threshold_logits.clone()
+    hardened = []
+    for k, rate in enumerate(rates):
+        if rate <= tolerance or rate >= 1.0 - tolerance:
+            thresholds[k] = THRESHOLD_LOGIT_LIMIT if rate <= tolerance else -THRESHOLD_LOGIT_LIMIT
+            hardened.append(k)
+    model.set_gate_thresholds(thresholds.tolist(), logits=True)
+    return hardened, rates, count[0]
 
 
 CACHE_LIMIT_BYTES = 4 * 2 ** 30
@@ -131,12 +169,16 @@ def main(args) -> None:
 
     from .loading import model_and_eval_loader
     budget = args.macs_reduction is not None
-    if budget == (args.gate is not None or args.rate is not None):
-        raise ValueError('Pass either --gate and --rate (one gate runs its block for a share of the images) or '
-                         '--macs-reduction (every threshold shifted to save a share of the MACs).')
+    modes = [budget, args.gate is not None or args.rate is not None, args.harden]
+    if sum(modes) != 1:
+        raise ValueError('Pass one of: --gate and --rate (one gate runs its block for a share of the images), '
+                         '--macs-reduction (every threshold shifted to save a share of the MACs), or --harden (fix '
+                         'the gates that decide the same way for every image).')
     if budget and not 0.0 <= args.macs_reduction < 100.0:
         raise ValueError(f'--macs-reduction is a percentage in [0, 100), got {args.macs_reduction}.')
-    if not budget:
+    if args.harden:
+        check_tolerance(args.tolerance)
+    if modes[1]:
         if args.gate is None or args.rate is None:
             raise ValueError('--gate and --rate go together.')
         check_rate(args.rate)
@@ -144,7 +186,14 @@ def main(args) -> None:
         raise ValueError(f'--output must be a .safetensors file, got {args.output!r}.')
     args.split = args.split or 'train'
     model, loader, _, split = model_and_eval_loader(args, check_labels=False)  # calibration never reads a label
-    if budget:
+    if args.harden:
+        hardened, rates, n = harden_static_gates(model, loader, args.tolerance)
+        per_image = [k for k in range(len(rates)) if k not in hardened]
+        message = (f'hardened {len(hardened)} of {len(rates)} gates on {n} {split} images (tolerance '
+                   f'{args.tolerance:g}): always run {[k for k in hardened if rates[k] > 0.5]}, never '
+                   f'{[k for k in hardened if rates[k] <= 0.5]}; per image: '
+                   + (', '.join(f'{k} ({100 * rates[k]:.1f} %)' for k in per_image) or 'none'))
+    elif budget:
         offset, saved, n = set_thresholds_for_macs_reduction(model, loader, args.macs_reduction)
         message = (f'every threshold shifted by {offset:+.4f} logits saves {saved:.2f} % of the MACs on {n} {split} '
                    f'images')
@@ -184,5 +233,10 @@ def add_parser(sub) -> None:
     p.add_argument('--macs-reduction', type=float, default=None, help=(
         'instead of --gate/--rate: percent of the full MACs to save on these images, by one logit offset added to '
         'every gate threshold (bisection)'))
+    p.add_argument('--harden', action='store_true', help=(
+        'instead: fix the decision of every gate that decides the same way for all of these images (threshold 0 or '
+        '1), so only the per-image gates cost time; measure with eval afterwards. Use --max-images 0'))
+    p.add_argument('--tolerance', type=float, default=0.0, help=(
+        '--harden: also fix gates that decide otherwise for at most this share of the images'))
     p.add_argument('--output', required=True, help='.safetensors file: the weights with the new threshold')
     p.set_defaults(func=main)
