@@ -4,6 +4,7 @@ open, no gate computed), batch 1 on real test images, the two runtimes interleav
     python examples/onnx_speed.py --model local-dir:hub_configs/skipnet_resnet38_cifar.cifar10 \
         --data ../shared/data/cifar10/plain --threads 2
     python examples/onnx_speed.py --model skipnet_resnet50 --rate 0.5 --images 40 --threads 2   # synthetic gates
+    python examples/onnx_speed.py --checkpoint runs/hardened.safetensors   # weights on top (e.g. threshold --harden)
 """
 import argparse
 import copy
@@ -12,13 +13,13 @@ import statistics
 import tempfile
 import time
 
-import timm
 import torch
 
 import timm_skipnet  # noqa: F401
 from timm_skipnet.accounting import measure_mac_table
 from timm_skipnet.bench import calibrate_gates
 from timm_skipnet.data import DataSpec, build_transforms, make_loader
+from timm_skipnet.loading import load_model
 from timm_skipnet.onnx_export import count_if_nodes, export_onnx, onnx_session
 
 
@@ -35,6 +36,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--model', default='local-dir:hub_configs/skipnet_resnet38_cifar.cifar10')
     p.add_argument('--data', default=os.environ.get('CIFAR10_DIR', '../shared/data/cifar10/plain'))
+    p.add_argument('--checkpoint', default='', help='weights file or exported folder loaded on top of --model')
     p.add_argument('--images', type=int, default=200)
     p.add_argument('--rounds', type=int, default=3)
     p.add_argument('--threads', type=int, default=2)
@@ -42,12 +44,12 @@ def main():
                    'share of the blocks (as timm-skipnet bench), on random images instead of --data')
     args = p.parse_args()
     if args.rate:
-        model = timm.create_model(args.model).eval()
+        model = load_model(args.model, args.checkpoint).eval()
         size = model.pretrained_cfg['input_size']
         xs = torch.randn(args.images, *size)
         calibrate_gates(model, torch.randn(16, *size), args.rate)
     else:
-        model = timm.create_model(args.model, pretrained=True).eval()
+        model = load_model(args.model, args.checkpoint, pretrained=True).eval()
         loader = make_loader(DataSpec(args.data), 'test', build_transforms(model, False), 100, limit=args.images)
         xs = torch.cat([x for x, _, _ in loader if x is not None])
     plain = copy.deepcopy(model)
@@ -62,9 +64,11 @@ def main():
         ort_sessions = {name: onnx_session(path, threads=args.threads) for name, path in paths.items()}
         ifs = {name: count_if_nodes(path) for name, path in paths.items()}
         rates = {name: [] for name in ort_sessions}
+        order = list(ort_sessions.items())
         for _ in range(args.rounds):
-            for name, s in ort_sessions.items():
+            for name, s in order:
                 rates[name].append(images_per_second(s, xs.numpy()))
+            order.reverse()  # neither runtime always runs first
     med = {name: statistics.median(r) for name, r in rates.items()}
     import onnxruntime
     images = f'random images, gates at rate {args.rate:g}' if args.rate else 'test images'

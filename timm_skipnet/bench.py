@@ -217,13 +217,15 @@ def device_name(device: str) -> str:
 
 def run_images_bench(model_id: str, data: str, batch_sizes: Sequence[int] = (1, 8, 64, 256),
                      compile: bool = False, images: int = 2048, device: str = 'cpu', rounds: int = 3,
-                     overflow: str = 'exact', compile_mode: str = 'default', graph: bool = False) -> List[Dict]:
+                     overflow: str = 'exact', compile_mode: str = 'default', graph: bool = False,
+                     checkpoint: str = '') -> List[Dict]:
     """A trained SkipNet on real images (its own per-image decisions) against the same weights with every gate
     open (no gate computed: the plain ResNet), both eager, both compiled or both CUDA graphs. Batch 1 times the
-    first 200 images."""
+    first 200 images. ``checkpoint``: weights loaded on top (e.g. hardened thresholds)."""
     from .accounting import measure_mac_table as _table
     from .data import DataSpec, build_transforms, make_loader
-    model = timm.create_model(model_id, pretrained=True).eval()
+    from .loading import load_model
+    model = load_model(model_id, checkpoint, pretrained=True).eval()
     model.set_gate_capacity(model.gate_capacity.tolist(), overflow=overflow)
     baseline = copy.deepcopy(model)
     baseline.set_gate_policy('open')
@@ -286,8 +288,9 @@ def main(args) -> None:
     if args.data:
         rows = [r for m in modes for r in run_images_bench(
             args.model, args.data, args.batch_sizes, compile=m == 'compiled', images=args.images, device=args.device,
-            overflow=args.overflow, compile_mode=args.compile_mode, graph=m == 'graph')]
-        print(f'# {args.model} vs the same weights with every gate open, on {args.data} test images, {where}, '
+            overflow=args.overflow, compile_mode=args.compile_mode, graph=m == 'graph', checkpoint=args.checkpoint)]
+        weights = f' + {args.checkpoint}' if args.checkpoint else ''
+        print(f'# {args.model}{weights} vs the same weights with every gate open, on {args.data} test images, {where}, '
               f'torch {torch.__version__}')
         print(format_images_table(rows))
     else:
@@ -326,6 +329,8 @@ def add_parser(sub) -> None:
     p.add_argument('--compile-mode', default='default', help="torch.compile mode, e.g. 'reduce-overhead' (CUDA "
                    'graphs) or max-autotune-no-cudagraphs')
     p.add_argument('--images', type=int, default=2048, help='--data: test images timed (batch 1: the first 200)')
+    p.add_argument('--checkpoint', default='', help='--data: weights file loaded on top of --model (e.g. the output '
+                   'of threshold --harden)')
     p.add_argument('--train', action='store_true', help='time training steps per stage instead (first batch size; '
                    '--mode compiled compiles every forward)')
     p.add_argument('--steps', type=int, default=20, help='--train: timed steps per variant')
