@@ -98,7 +98,8 @@ def test_folded_gates_are_rebuilt_after_a_weight_change_and_dropped_in_training(
                                + model.gates.lstm.bias_ih + model.gates.lstm.bias_hh)
 
 
-def test_published_model_folded_decisions_equal_the_traced_unfolded_ones_on_real_images(cifar10_dir):
+def test_published_model_folded_decisions_equal_the_traced_unfolded_ones_on_real_images_in_batches_and_one_by_one(
+        cifar10_dir):
     from timm_skipnet.data import DataSpec, build_transforms, make_loader
     model = timm.create_model(f'local-dir:{PUBLISHED}', pretrained=True).eval()
     loader = make_loader(DataSpec(cifar10_dir), 'test', build_transforms(model, False), 250, limit=1000)
@@ -109,6 +110,9 @@ def test_published_model_folded_decisions_equal_the_traced_unfolded_ones_on_real
             model.set_execution('static')
             torch.testing.assert_close(model(x), traced.logits, rtol=0, atol=1e-5)
             model.set_execution('auto')
+            # batch 1 (the NumPy LSTM step on the CPU): the same logits image by image
+            one = torch.cat([model(x[i:i + 1]) for i in range(50)])
+            torch.testing.assert_close(one, traced.logits[:50], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize('gate_type', ['rnn', 'ff1'])
@@ -293,6 +297,34 @@ def test_folded_gates_run_on_cuda_and_decide_as_the_traced_gates(gate_type):
         torch.testing.assert_close(model(x), trace.logits, rtol=1e-4, atol=1e-4)
 
 
+def _recording(real, name, calls):
+    def method(self, index, *args):
+        calls.append((name, index))
+        return real(self, index, *args)
+    return method
+
+
+def test_batch_one_numpy_lstm_step_gives_the_folded_gates_logits_and_state():
+    """The CPU batch-1 twin reorders and rescales the LSTM rows to use one tanh: every gate's logit and state must
+    stay the folded (torch) gate's, at two image sizes, through a chain of gates that carries the state."""
+    model = _model()
+    folded = model.gates.folded()
+    with torch.no_grad():
+        for size in (32, 48):
+            x = torch.randn(1, 3, size, size)
+            host = folded.host(x)
+            assert host is not None and folded.host(x.bfloat16()) is None and folded.host(x.repeat(2, 1, 1, 1)) is None
+            feats = model.maxpool(model._forward_stem(x))
+            state, host_state = folded.init_state(feats), host.init_state()
+            for k, block in enumerate(model.blocks()[:-1]):
+                feats = block(feats)  # the input of gated block k + 1
+                logit, state = folded.head_logit(k, feats, state)
+                host_logit, host_state = host.logit(k, feats, host_state)
+                assert abs(logit.item() - host_logit) < 1e-5
+                torch.testing.assert_close(torch.from_numpy(host_state[0]), state[0], rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(torch.from_numpy(host_state[1]), state[1], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize('gate_type', ['rnn', 'ff1'])
 def test_gates_with_a_fixed_decision_are_computed_only_where_a_later_gate_reads_them(gate_type, monkeypatch):
     """Thresholds 0 / 1 fix gates 0-2 and 4-16; gate 3 decides per image. RNN: gates 0-2 still step the LSTM (gate 3
@@ -321,6 +353,10 @@ def test_gates_with_a_fixed_decision_are_computed_only_where_a_later_gate_reads_
             return method
         for name in ('head_logit', 'advance'):
             monkeypatch.setattr(bank, name, recording(name))
+        if gate_type == 'rnn':  # batch 1 on the CPU steps the LSTM in NumPy: record that twin under the same names
+            host = type(model.gates.folded().host(x[:1]))
+            monkeypatch.setattr(host, 'logit', _recording(host.logit, 'head_logit', calls))
+            monkeypatch.setattr(host, 'advance', _recording(host.advance, 'advance', calls))
         for batch in (x, x[:1]):
             calls.clear()
             out = model(batch)

@@ -8,6 +8,9 @@ LSTM cell and head are about a dozen dispatcher calls. In eval mode the gate ban
   features directly. The pooling's ``1 / (H W)`` goes into the same weights (one ``sum`` instead of a sum and a
   divide), per feature-map size. Products are formed in float64 and rounded once.
 * FF gates: each BatchNorm (running statistics) is folded into the convolution before it.
+* Batch 1 on the CPU (float32): the RNN gates' LSTM step runs in NumPy (:class:`HostRecurrentGates`). A 10-unit
+  step is a few hundred multiply-adds; torch spends more on dispatching its dozen calls than on the arithmetic, NumPy
+  about a third of that, and the decision is read on the host anyway.
 
 The copy is rebuilt whenever a gate parameter or buffer changes (in-place updates bump tensor versions; moves
 change storage; loading a state dict drops it) and dropped when the model goes back to training. Tensors made
@@ -17,6 +20,7 @@ rounding; decisions agree except for a logit within rounding of its threshold.
 """
 from typing import Callable, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -76,10 +80,19 @@ class FoldedRecurrentGates:
         self.head_b = bank.head.bias.detach().clone()
         self.hidden_dim = bank.hidden_dim
         self.dtype = dtype
+        self._host: Optional[HostRecurrentGates] = None
 
     @property
     def num_gates(self) -> int:
         return len(self.w_in)
+
+    def host(self, x: torch.Tensor) -> Optional['HostRecurrentGates']:
+        """The NumPy twin for a float32 batch of 1 on the CPU (built once per folding), else None."""
+        if x.shape[0] != 1 or x.device.type != 'cpu' or x.dtype != torch.float32 or self.dtype != torch.float32:
+            return None
+        if self._host is None:
+            self._host = HostRecurrentGates(self)
+        return self._host
 
     def init_state(self, x: torch.Tensor) -> GateState:
         h = torch.zeros(x.shape[0], self.hidden_dim, device=x.device, dtype=self.dtype)
@@ -108,6 +121,55 @@ class FoldedRecurrentGates:
     def __call__(self, index: int, x: torch.Tensor, state: GateState) -> Tuple[torch.Tensor, GateState]:
         logit, state = self.head_logit(index, x, state)
         return logit.squeeze(1), state
+
+
+class HostRecurrentGates:
+    """The folded RNN gates for one image on the CPU, the LSTM step in NumPy float32. The LSTM's rows are reordered
+    (i, f, o, g) and the i, f, o rows scaled by 1/2, so one ``tanh`` covers all four: sigmoid(z) = (1 + tanh(z/2)) / 2.
+    The state is a pair of (1, H) arrays, ``(None, None)`` before the first gate (a zero state adds nothing).
+    Logits agree with :class:`FoldedRecurrentGates` to float32 rounding."""
+
+    def __init__(self, folded: FoldedRecurrentGates):
+        h = self.hidden = folded.hidden_dim
+        order = torch.cat([torch.arange(0, 2 * h), torch.arange(3 * h, 4 * h), torch.arange(2 * h, 3 * h)])
+        scale = torch.ones(4 * h, dtype=torch.float64)
+        scale[:3 * h] = 0.5
+        self._w_in64 = [w[order] * scale[:, None] for w in folded._w_in64]  # (4H, C)
+        self._w_sum: Dict[Tuple[int, int], np.ndarray] = {}  # (gate, H * W) -> (C, 4H) / (H * W)
+        self.b_in = [(b.double()[order] * scale).float().numpy()[None] for b in folded.b_in]
+        self.w_hh = (folded.w_hh.double()[order] * scale[:, None]).t().float().numpy().copy()
+        self.head_w = folded.head_w[:, 0].numpy().copy()
+        self.head_b = np.float32(folded.head_b.item())
+
+    def init_state(self):
+        return None, None
+
+    def logit(self, index: int, x: torch.Tensor, state) -> Tuple[float, Tuple[np.ndarray, np.ndarray]]:
+        """The gate's float32 logit as a Python float, and the new state."""
+        h, c = self._step(index, x, state)
+        return float(h[0] @ self.head_w + self.head_b), (h, c)
+
+    def advance(self, index: int, x: torch.Tensor, state) -> Tuple[np.ndarray, np.ndarray]:
+        """The LSTM step alone (a fixed gate whose state a later per-image gate reads)."""
+        return self._step(index, x, state)
+
+    def _step(self, index: int, x: torch.Tensor, state) -> Tuple[np.ndarray, np.ndarray]:
+        size = x.shape[2] * x.shape[3]
+        w = self._w_sum.get((index, size))
+        if w is None:
+            w = self._w_sum[(index, size)] = (self._w_in64[index] / size).t().float().numpy().copy()
+        h, c = state
+        n = self.hidden
+        z = x.detach().sum((2, 3)).numpy() @ w
+        z += self.b_in[index]
+        if h is not None:
+            z += h @ self.w_hh
+        t = np.tanh(z)
+        s = t[:, :3 * n] * np.float32(0.5) + np.float32(0.5)  # i, f, o
+        c_new = s[:, :n] * t[:, 3 * n:]
+        if c is not None:
+            c_new += s[:, n:2 * n] * c
+        return s[:, 2 * n:] * np.tanh(c_new), c_new
 
 
 def _fold_bn(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -518,13 +518,20 @@ class SkipNetResNet(ResNet):
         x = blocks[0](x)
         state = gates.init_state(x)
         if x.shape[0] == 1:
+            host = gates.host(x) if gates.recurrent else None  # the LSTM step in NumPy on the CPU
+            if host is not None:
+                state = host.init_state()
             for k, block in enumerate(blocks[1:]):
                 run = rules[k]
                 if run is None:
-                    logit, state = gates.head_logit(k, x, state)
-                    run = logit.item() > thr[k]  # float32 logit vs float32 threshold, compared exactly in Python
+                    if host is not None:
+                        logit, state = host.logit(k, x, state)
+                    else:
+                        logit, state = gates.head_logit(k, x, state)
+                        logit = logit.item()
+                    run = logit > thr[k]  # float32 logit vs float32 threshold, compared exactly in Python
                 elif work[k] == 'advance':
-                    state = gates.advance(k, x, state)
+                    state = host.advance(k, x, state) if host is not None else gates.advance(k, x, state)
                 x = block(x) if run else _shortcut(block, x)
             return x
         reuse_input = not (torch.is_grad_enabled() or self._has_forward_hooks())
