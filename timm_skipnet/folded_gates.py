@@ -32,9 +32,19 @@ def tensor_version(t: torch.Tensor) -> Optional[int]:
     return None if t.is_inference() else t._version
 
 
+def _collect_tensors(module: torch.nn.Module, out: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Every parameter and buffer, read straight from the module dicts: ``parameters()`` walks ``named_modules``
+    with memo sets, which costs more than the whole check at batch 1."""
+    out.extend(t for t in module._parameters.values() if t is not None)
+    out.extend(t for t in module._buffers.values() if t is not None)
+    for child in module._modules.values():
+        if child is not None:
+            _collect_tensors(child, out)
+    return out
+
+
 def _tensor_key(module: torch.nn.Module) -> Tuple:
-    tensors = list(module.parameters()) + list(module.buffers())
-    return tuple((t.data_ptr(), tensor_version(t), t.dtype, t.device) for t in tensors)
+    return tuple((t.data_ptr(), tensor_version(t), t.dtype, t.device) for t in _collect_tensors(module, []))
 
 
 class FoldedCache:
