@@ -34,6 +34,45 @@ def test_the_shipped_model_exported_at_batch_1_skips_blocks_in_onnxruntime_as_ea
     got = onnx_logits(onnx_session(path, threads=1), x)
     torch.testing.assert_close(got, trace.logits, rtol=1e-4, atol=1e-4)
     assert (got - every_block).abs().amax(1).min() > 1e-2  # onnxruntime skipped blocks: not the every-block output
+    # a block's weights are constants of the branch that runs it (onnxruntime pre-packs those), each stored once
+    import onnx
+    graph = onnx.load(path).graph
+    branches = [a.g for n in graph.node if n.op_type == 'If' for a in n.attribute if a.name == 'then_branch']
+    assert all(len(b.initializer) >= 2 for b in branches)  # the block's two convolutions at least
+    names = [t.name for t in graph.initializer] + [t.name for n in graph.node if n.op_type == 'If'
+                                                   for a in n.attribute for t in a.g.initializer]
+    assert len(names) == len(set(names))
+
+
+def test_weights_only_one_branch_reads_move_into_it_and_shared_ones_stay_outside():
+    onnx = pytest.importorskip('onnx')
+    from onnx import TensorProto, helper, numpy_helper
+
+    from timm_skipnet.onnx_export import weights_into_branches
+
+    def weight(name):
+        return numpy_helper.from_array(torch.full((2,), 1.0).numpy(), name)
+
+    def branch(name, reads):
+        nodes = [helper.make_node('Add', ['x', reads[0]], [f'{name}_0'])]
+        for i, w in enumerate(reads[1:]):
+            nodes.append(helper.make_node('Add', [f'{name}_{i}', w], [f'{name}_{i + 1}']))
+        out = helper.make_tensor_value_info(f'{name}_{len(reads) - 1}', TensorProto.FLOAT, [2])
+        return helper.make_graph(nodes, name, [], [out])
+
+    cond = helper.make_node('If', ['c'], ['y'], then_branch=branch('then', ['w_then', 'w_both']),
+                            else_branch=branch('else', ['w_else', 'w_both']))
+    top = helper.make_node('Add', ['y', 'w_top'], ['out'])
+    graph = helper.make_graph([cond, top], 'g', [helper.make_tensor_value_info('x', TensorProto.FLOAT, [2]),
+                                                 helper.make_tensor_value_info('c', TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info('out', TensorProto.FLOAT, [2])],
+                              [weight(n) for n in ('w_then', 'w_else', 'w_both', 'w_top')])
+    assert weights_into_branches(graph) == 2
+    branches = {a.name: a.g for a in graph.node[0].attribute}
+    then_g, else_g = branches['then_branch'], branches['else_branch']
+    assert [t.name for t in then_g.initializer] == ['w_then'] and [t.name for t in else_g.initializer] == ['w_else']
+    assert sorted(t.name for t in graph.initializer) == ['w_both', 'w_top']
+    onnx.checker.check_model(helper.make_model(graph, opset_imports=[helper.make_opsetid('', 18)]))
 
 
 @pytest.mark.slow
