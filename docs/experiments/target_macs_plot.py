@@ -7,7 +7,9 @@
 Reads each budget run's final evaluation (`eval_rl.json`), the rl-stage runs recorded in examples/cifar10_runs.json
 (the alpha sweep from other backbones: the rl stage only, before any ft), and, where they exist, the alpha runs from
 the same start as the budget runs (runs/c10_r38_shipped_rl_a<A>) and the same short ft after each of both
-(runs/c10_r38_shipped_ft<E>_<t|a><value>, `eval_ft.json`: the SWA average).
+(runs/c10_r38_shipped_ft<E>_<t|a><value>, `eval_ft.json`: the SWA average). Training runs are not committed: the
+results of every run so far are recorded in docs/experiments/target_macs_runs.json, and runs/ folders that exist
+are read over them.
 """
 import glob
 import json
@@ -15,6 +17,7 @@ import os
 import re
 
 LEDGER = 'examples/cifar10_runs.json'
+RECORDED = 'docs/experiments/target_macs_runs.json'
 BACKBONES = {'c10_r38_base': '50-epoch backbone', 'c10_r38_long': '90-epoch backbone',
              'c10_r38_long2': '140-epoch backbone', 'c10_r38_dp': '100-epoch backbone, drop path'}
 
@@ -67,7 +70,11 @@ def same_start_runs(root='runs'):
 
 
 def main():
-    alphas, budgets, same = alpha_runs(), budget_runs(), same_start_runs()
+    recorded = json.load(open(RECORDED))
+    alphas = alpha_runs()
+    budgets = {b['name']: b for b in recorded['budget'] + budget_runs()}
+    budgets = sorted(budgets.values(), key=lambda b: b['target_pct'])
+    same = {**recorded['same_start'], **same_start_runs()}
     print('| run | trained to | MACs (% of full) | top-1 (%) | gates deciding per image | distinct paths |')
     print('|---|---|---:|---:|---:|---:|')
     for b in budgets:
