@@ -321,8 +321,8 @@ def test_batch_one_numpy_lstm_step_gives_the_folded_gates_logits_and_state():
                 logit, state = folded.head_logit(k, feats, state)
                 host_logit, host_state = host.logit(k, feats, host_state)
                 assert abs(logit.item() - host_logit) < 1e-5
-                torch.testing.assert_close(torch.from_numpy(host_state[0]), state[0], rtol=1e-5, atol=1e-6)
-                torch.testing.assert_close(torch.from_numpy(host_state[1]), state[1], rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(torch.from_numpy(host_state[0])[None], state[0], rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(torch.from_numpy(host_state[1])[None], state[1], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('gate_type', ['rnn', 'ff1'])

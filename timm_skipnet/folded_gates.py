@@ -134,10 +134,12 @@ class FoldedRecurrentGates:
 
 
 class HostRecurrentGates:
-    """The folded RNN gates for one image on the CPU, the LSTM step in NumPy float32. The LSTM's rows are reordered
-    (i, f, o, g) and the i, f, o rows scaled by 1/2, so one ``tanh`` covers all four: sigmoid(z) = (1 + tanh(z/2)) / 2.
-    The state is a pair of (1, H) arrays, ``(None, None)`` before the first gate (a zero state adds nothing).
-    Logits agree with :class:`FoldedRecurrentGates` to float32 rounding."""
+    """The folded RNN gates for one image on the CPU, in NumPy float32. The pooling is one BLAS product with a vector of
+    ones (half the cost of a torch ``sum`` and its ``.numpy()``), the pooling's 1 / (H W) sits in the input weights,
+    and the LSTM's rows are reordered (i, f, o, g) with the i, f, o rows scaled by 1/2, so one ``tanh`` covers all
+    four: sigmoid(z) = (1 + tanh(z/2)) / 2; every step works in place on 1-D arrays. The state is a pair of (H,)
+    arrays, ``(None, None)`` before the first gate (a zero state adds nothing). Logits agree with
+    :class:`FoldedRecurrentGates` to float32 rounding."""
 
     def __init__(self, folded: FoldedRecurrentGates):
         h = self.hidden = folded.hidden_dim
@@ -146,7 +148,8 @@ class HostRecurrentGates:
         scale[:3 * h] = 0.5
         self._w_in64 = [w[order] * scale[:, None] for w in folded._w_in64]  # (4H, C)
         self._w_sum: Dict[Tuple[int, int], np.ndarray] = {}  # (gate, H * W) -> (C, 4H) / (H * W)
-        self.b_in = [(b.double()[order] * scale).float().numpy()[None] for b in folded.b_in]
+        self._ones: Dict[int, np.ndarray] = {}  # H * W -> ones
+        self.b_in = [(b.double()[order] * scale).float().numpy() for b in folded.b_in]
         self.w_hh = (folded.w_hh.double()[order] * scale[:, None]).t().float().numpy().copy()
         self.head_w = folded.head_w[:, 0].numpy().copy()
         self.head_b = np.float32(folded.head_b.item())
@@ -157,29 +160,35 @@ class HostRecurrentGates:
     def logit(self, index: int, x: torch.Tensor, state) -> Tuple[float, Tuple[np.ndarray, np.ndarray]]:
         """The gate's float32 logit as a Python float, and the new state."""
         h, c = self._step(index, x, state)
-        return float(h[0] @ self.head_w + self.head_b), (h, c)
+        return float(np.dot(h, self.head_w) + self.head_b), (h, c)
 
     def advance(self, index: int, x: torch.Tensor, state) -> Tuple[np.ndarray, np.ndarray]:
         """The LSTM step alone (a fixed gate whose state a later per-image gate reads)."""
         return self._step(index, x, state)
 
     def _step(self, index: int, x: torch.Tensor, state) -> Tuple[np.ndarray, np.ndarray]:
-        size = x.shape[2] * x.shape[3]
+        a = x.detach().numpy()
+        size = a.shape[2] * a.shape[3]
         w = self._w_sum.get((index, size))
         if w is None:
             w = self._w_sum[(index, size)] = (self._w_in64[index] / size).t().float().numpy().copy()
-        h, c = state
-        n = self.hidden
-        z = x.detach().sum((2, 3)).numpy() @ w
+            self._ones.setdefault(size, np.ones(size, np.float32))
+        z = np.dot(np.dot(a.reshape(a.shape[1], size), self._ones[size]), w)
         z += self.b_in[index]
+        h, c = state
         if h is not None:
-            z += h @ self.w_hh
-        t = np.tanh(z)
-        s = t[:, :3 * n] * np.float32(0.5) + np.float32(0.5)  # i, f, o
-        c_new = s[:, :n] * t[:, 3 * n:]
+            z += np.dot(h, self.w_hh)
+        n = self.hidden
+        t = np.tanh(z, out=z)
+        s = t[:3 * n]
+        s *= np.float32(0.5)
+        s += np.float32(0.5)  # i, f, o
+        c_new = s[:n] * t[3 * n:]
         if c is not None:
-            c_new += s[:, n:2 * n] * c
-        return s[:, 2 * n:] * np.tanh(c_new), c_new
+            c_new += s[n:2 * n] * c
+        h_new = np.tanh(c_new)
+        h_new *= s[2 * n:]
+        return h_new, c_new
 
 
 def _fold_bn(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
