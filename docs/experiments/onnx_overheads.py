@@ -86,12 +86,12 @@ def ifs_to_slices(model):
     return model
 
 
-def us_per_image(session, xs) -> float:
-    name = session.get_inputs()[0].name
-    session.run(None, {name: xs[:1]})
+def us_per_image(runtime, xs) -> float:
+    name = runtime.get_inputs()[0].name
+    runtime.run(None, {name: xs[:1]})
     t0 = time.perf_counter()
     for i in range(len(xs)):
-        session.run(None, {name: xs[i:i + 1]})
+        runtime.run(None, {name: xs[i:i + 1]})
     return (time.perf_counter() - t0) / len(xs) * 1e6
 
 
@@ -113,20 +113,20 @@ def main():
     plain.set_gate_policy('open')
     forced = copy.deepcopy(model)
     forced.set_gate_thresholds([-1e31 if run else 1e31 for run in path], logits=True)
-    sessions = {}
+    runtimes = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, net in (('plain', plain), ('skipnet', model), ('one path, no gates', forced)):
-            sessions[name] = onnx_session(export_onnx(net, os.path.join(tmp, f'{len(sessions)}.onnx')), args.threads)
+            runtimes[name] = onnx_session(export_onnx(net, os.path.join(tmp, f'{len(runtimes)}.onnx')), args.threads)
         sliced = ifs_to_slices(onnx.load(os.path.join(tmp, '1.onnx')))
         onnx.save(sliced, os.path.join(tmp, 'sliced.onnx'))
-        sessions['skipnet, If as slices'] = onnx_session(os.path.join(tmp, 'sliced.onnx'), args.threads)
+        runtimes['skipnet, If as slices'] = onnx_session(os.path.join(tmp, 'sliced.onnx'), args.threads)
     for name in ('skipnet', 'skipnet, If as slices'):  # the rewrite computes the same logits
-        out = sessions[name].run(None, {sessions[name].get_inputs()[0].name: xs[:1].numpy()})[0]
+        out = runtimes[name].run(None, {runtimes[name].get_inputs()[0].name: xs[:1].numpy()})[0]
         assert np.allclose(out, model(xs[:1]).detach().numpy(), atol=1e-4), name
-    times = {name: [] for name in sessions}
+    times = {name: [] for name in runtimes}
     xs_np = xs.numpy()
     for _ in range(args.rounds):
-        order = list(sessions.items())
+        order = list(runtimes.items())
         random.shuffle(order)
         for name, s in order:
             times[name].append(us_per_image(s, xs_np))
