@@ -181,7 +181,7 @@ class HostRecurrentGates:
         channels = a.shape[1]
         ones = self._ones.get(size)
         if ones is None:
-            ones = self._ones[size] = np.ones((size, 1) if channels * size > _ONE_BLAS_CALL else size, np.float32)
+            ones = self._ones[size] = np.ones(size, np.float32)
         if channels * size > _ONE_BLAS_CALL:  # one small product per channel: none large enough to start BLAS threads
             pooled = np.matmul(a.reshape(channels, 1, size), ones).reshape(channels)
         else:
