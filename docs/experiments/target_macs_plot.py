@@ -89,7 +89,8 @@ def main():
           '|')
     print('|---|---:|---:|---:|---:|')
     for key, r in sorted(same.items(), key=lambda kv: kv[1]['rl_macs']):
-        trained = f'--target-macs {key[1:]}' if key.startswith('t') else f'--alpha {key[1:]}'
+        value = key[1:].replace('seed', ', seed ')
+        trained = f'--target-macs {value}' if key.startswith('t') else f'--alpha {value}'
         ft = (f"{r['ft_macs']:.1f} | {r['ft_top1']:.2f}" if 'ft_top1' in r else '| ')
         print(f"| {trained} | {r['rl_macs']:.1f} | {r['rl_top1']:.2f} | {ft} |")
     import matplotlib
