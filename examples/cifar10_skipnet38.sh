@@ -15,7 +15,8 @@
 #             runs the budget runs are compared with, like for like
 #   budget-ft (optional) the same short ft ($FT_EPOCHS epochs, gates frozen, distilled from the shipped model with every
 #             gate open, averaged by SWA) after every budget and budget-alpha run
-#   (the budget steps train with seed $SEED; a seed other than 0 adds "seed<N>" to their run names)
+#   (the budget steps train with seed $SEED; a seed other than 0 adds "seed<N>" to their run names; TARGETS="" or
+#   ALPHAS="" leaves that kind out)
 # Then `.venv/bin/python examples/cifar10_report.py` chooses, exports to hub_configs/, plots and times. Every step
 # checkpoints each epoch and resumes where it stopped. About 5 h on a 2-core CPU with bf16 (avx512_bf16). How this
 # recipe was found, with the commands of every other run: docs/experiments/cifar10.md.
@@ -23,7 +24,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${CIFAR10_DIR:-../shared/data/cifar10/plain} RUNS=${RUNS:-runs} PY=${PYTHON:-.venv/bin/python}
-ALPHA=${ALPHA:-0.7} SEED=${SEED:-0} TARGETS=${TARGETS:-0.7 0.55 0.4} ALPHAS=${ALPHAS-1.0 0.75}
+ALPHA=${ALPHA:-0.7} SEED=${SEED:-0} TARGETS=${TARGETS-0.7 0.55 0.4} ALPHAS=${ALPHAS-1.0 0.75}
 FT_EPOCHS=${FT_EPOCHS:-5}
 SHIPPED=local-dir:hub_configs/skipnet_resnet38_cifar.cifar10
 # TRAIN_EXTRA: trainer flags for this machine (e.g. "--workers 4" on a GPU host); none change the recipe
