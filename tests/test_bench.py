@@ -3,7 +3,7 @@ import pytest
 import timm
 import torch
 
-from timm_skipnet.bench import calibrate_gates, run_bench, run_train_bench, speedup_on_images
+from timm_skipnet.bench import calibrate_gates, format_table, run_bench, run_train_bench, speedup_on_images
 
 
 def test_calibrated_gates_run_about_the_requested_share_with_per_image_decisions():
@@ -19,13 +19,16 @@ def test_bench_rows_report_ideal_and_measured_speedups():
     from timm_skipnet.accounting import measure_mac_table
     rows = run_bench('skipnet_resnet18', batch_sizes=[2], rate=0.5, img_size=32, min_time=0.01, min_iters=1)
     assert [r['variant'] for r in rows] == ['plain timm ResNet', 'SkipNet, all gates open',
-                                            'SkipNet dense, rate 0.5', 'SkipNet sparse, rate 0.5']
-    plain, open_, dense, sparse = rows
+                                            'SkipNet dense, rate 0.5', 'SkipNet sparse, rate 0.5',
+                                            'blocks only, decisions given']
+    plain, open_, dense, sparse, given = rows
     # R from an independent count: all gates open costs every block plus every gate, measured here
     table = measure_mac_table(timm.create_model('skipnet_resnet18'), (3, 32, 32))
     assert open_['ideal_R'] == pytest.approx(table.full_macs / (table.full_macs + sum(table.gates)), rel=1e-12)
     skipping = table.full_macs / dense['ideal_R']  # the mean MACs of the calibrated decisions
-    assert dense['ideal_R'] == sparse['ideal_R'] > 1.2  # the same decisions, however they are executed
+    assert dense['ideal_R'] == sparse['ideal_R'] == given['ideal_R'] > 1.2  # the same decisions, however run
+    kept = sparse['speedup_S'] / given['speedup_S']
+    assert f'sparse S / blocks-only S): batch 2: {kept:.3f}' in format_table(rows)
     assert table.stem + table.blocks[0] + table.head + sum(table.gates) + sum(table.shortcuts) < skipping
     # S of every row is the plain row's latency over its own, the throughput its batch over its latency
     for r in rows:
@@ -52,7 +55,8 @@ def test_bench_command_sets_its_threads_and_writes_the_printed_rows_as_json(tmp_
     assert 'CPU, 2 threads' in printed.splitlines()[0]
     rows = json.loads(out.read_text())
     assert [(r['batch'], r['variant']) for r in rows] == [(b, v) for b in (1, 2) for v in (
-        'plain timm ResNet', 'SkipNet, all gates open', 'SkipNet dense, rate 0.5', 'SkipNet sparse, rate 0.5')]
+        'plain timm ResNet', 'SkipNet, all gates open', 'SkipNet dense, rate 0.5', 'SkipNet sparse, rate 0.5',
+        'blocks only, decisions given')]
     table = [line for line in printed.splitlines() if line.startswith('| ') and line[2].isdigit()]
     assert len(table) == len(rows)
     for line, r in zip(table, rows):
@@ -150,3 +154,30 @@ def test_each_timed_variant_runs_its_own_gates_in_any_order_without_refolding(ga
         finally:
             handle.remove()
         assert builds and not any(builds)
+
+
+@pytest.mark.parametrize('batch', [1, 8])
+def test_blocks_only_row_runs_the_sparse_models_blocks_with_no_gate_computed(batch, monkeypatch):
+    """The blocks-only row is the ceiling the gated row is read against: it must run exactly the blocks the gated
+    model runs (same logits) and must not compute a single gate."""
+    from timm_skipnet.accounting import measure_mac_table
+    from timm_skipnet.bench import _variants
+    from timm_skipnet.gates import RecurrentGates
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        skip = timm.create_model('skipnet_resnet38_cifar').eval()
+        plain = timm.create_model('skipnet_resnet38_cifar').eval()
+        x, calib = torch.randn(batch, 3, 32, 32), torch.randn(16, 3, 32, 32)
+        variants = _variants(plain, skip, x, 0.5, measure_mac_table(skip, (3, 32, 32)), [], calib)
+        sparse, given = variants['SkipNet sparse, rate 0.5'], variants['blocks only, decisions given']
+        actions = sparse.func.forward_with_gates(x).actions
+        assert 0 < actions.float().mean() < 1  # some blocks skipped, some run
+        expected = sparse()
+
+        def no_gates(*args, **kwargs):
+            raise AssertionError('a gate was computed')
+        for name in ('forward', 'folded'):  # every gate computation, eager or folded, starts at one of these
+            monkeypatch.setattr(RecurrentGates, name, no_gates)
+        with pytest.raises(AssertionError, match='a gate was computed'):
+            sparse()
+        torch.testing.assert_close(given(), expected, rtol=0, atol=0)

@@ -9,6 +9,10 @@ background load drifts hit all of them alike.
 R   = MACs(plain ResNet) / mean MACs(SkipNet, measured decisions)  -- the ideal speedup
 S   = latency(plain) / latency(SkipNet)                            -- the measured speedup
 eta = S / R                                                          -- the share of the ideal that is realised
+
+The row "blocks only, decisions given" runs the same images' blocks with no gate computed (the decisions handed
+in): its S is the most skipping can give on this hardware, where a MAC does not cost the same time in every block
+(R assumes it does), and sparse S over it is the share the gates and their control flow leave.
 """
 import copy
 import functools
@@ -22,7 +26,7 @@ import torch
 from timm.models.resnet import ResNet
 
 from .accounting import measure_mac_table
-from .skipnet import convert_to_skipnet
+from .skipnet import _run_sparse, _shortcut, convert_to_skipnet
 
 
 def _base_name(model_name: str) -> str:
@@ -143,13 +147,30 @@ def _variants(plain, skip, x, rate, table, macs_seen, calib) -> Dict:
     opened.set_execution('sparse')
     for m in (opened, dense, sparse):  # built under inference_mode, whose in-place edits count no versions
         m.eval()
-    macs_seen.append(table.per_image_macs(sparse.forward_with_gates(x).actions))
+    actions = sparse.forward_with_gates(x).actions.bool()
+    macs_seen.append(table.per_image_macs(actions))
+    runs = [bool(a) for a in actions[0]] if x.shape[0] == 1 else list(actions.t().contiguous())
     return {  # partials: the model each row times is its ``.func``
         'plain timm ResNet': functools.partial(plain, x),
         'SkipNet, all gates open': functools.partial(opened, x),
         f'SkipNet dense, rate {rate:g}': functools.partial(dense, x),
         f'SkipNet sparse, rate {rate:g}': functools.partial(sparse, x),
+        'blocks only, decisions given': functools.partial(_run_given_path, sparse, x, runs),
     }
+
+
+@torch.no_grad()
+def _run_given_path(skip, x: torch.Tensor, runs: List) -> torch.Tensor:
+    """The SkipNet's forward with each gated block's decisions given (``runs[k]``: a (B,) bool tensor, or a Python
+    bool at batch 1) and no gate computed."""
+    blocks = skip.blocks()
+    x = blocks[0](skip.maxpool(skip._forward_stem(x)))
+    for block, run in zip(blocks[1:], runs):
+        if x.shape[0] == 1:
+            x = block(x) if run else _shortcut(block, x)
+        else:
+            x = _run_sparse(block, x, run, reuse_input=True)
+    return skip.forward_head(x)
 
 
 def _compiled_variants(plain, skip, x, rate, table, macs_seen, calib, overflow='exact',
@@ -199,6 +220,13 @@ def format_table(rows: List[Dict]) -> str:
     for r in rows:
         lines.append(f"| {r['batch']} | {r['variant']} | {r['latency_ms']:.1f} | {r['img_per_s']:.1f} | "
                      f"{r['ideal_R']:.3f} | {r['speedup_S']:.3f} | {r['eta']:.3f} |")
+    given = {r['batch']: r['speedup_S'] for r in rows if r['variant'] == 'blocks only, decisions given'}
+    kept = [f"batch {r['batch']}: {r['speedup_S'] / given[r['batch']]:.3f}" for r in rows
+            if r['variant'].startswith('SkipNet sparse') and r['batch'] in given]
+    if kept:
+        lines.append('')
+        lines.append('Share of the blocks-only speed-up that the gated model keeps (sparse S / blocks-only S): '
+                     + '; '.join(kept))
     gate = [f"batch {r['batch']}: {r['gate_us']:.0f} us" for r in rows if 'gate_us' in r]
     if gate:
         lines.append('')
