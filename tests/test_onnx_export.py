@@ -60,19 +60,35 @@ def test_weights_only_one_branch_reads_move_into_it_and_shared_ones_stay_outside
         out = helper.make_tensor_value_info(f'{name}_{len(reads) - 1}', TensorProto.FLOAT, [2])
         return helper.make_graph(nodes, name, [], [out])
 
-    cond = helper.make_node('If', ['c'], ['y'], then_branch=branch('then', ['w_then', 'w_both']),
+    # w_then_top: one branch and a top-level node read it; w_then_loop: one branch and a top-level Loop's body
+    cond = helper.make_node('If', ['c'], ['y'], then_branch=branch('then', ['w_then', 'w_both', 'w_then_top',
+                                                                           'w_then_loop']),
                             else_branch=branch('else', ['w_else', 'w_both']))
-    top = helper.make_node('Add', ['y', 'w_top'], ['out'])
-    graph = helper.make_graph([cond, top], 'g', [helper.make_tensor_value_info('x', TensorProto.FLOAT, [2]),
-                                                 helper.make_tensor_value_info('c', TensorProto.BOOL, [])],
+    top = helper.make_node('Add', ['y', 'w_top'], ['y2'])
+    top2 = helper.make_node('Add', ['y2', 'w_then_top'], ['y3'])
+    body = helper.make_graph(
+        [helper.make_node('Identity', ['cond_in'], ['cond_out']),
+         helper.make_node('Add', ['v', 'w_then_loop'], ['v2'])],
+        'body', [helper.make_tensor_value_info('i', TensorProto.INT64, []),
+                 helper.make_tensor_value_info('cond_in', TensorProto.BOOL, []),
+                 helper.make_tensor_value_info('v', TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info('cond_out', TensorProto.BOOL, []),
+         helper.make_tensor_value_info('v2', TensorProto.FLOAT, [2])])
+    loop = helper.make_node('Loop', ['n', '', 'y3'], ['out'], body=body)
+    names = ('w_then', 'w_else', 'w_both', 'w_top', 'w_then_top', 'w_then_loop')
+    graph = helper.make_graph([cond, top, top2, loop], 'g',
+                              [helper.make_tensor_value_info('x', TensorProto.FLOAT, [2]),
+                               helper.make_tensor_value_info('c', TensorProto.BOOL, []),
+                               helper.make_tensor_value_info('n', TensorProto.INT64, [])],
                               [helper.make_tensor_value_info('out', TensorProto.FLOAT, [2])],
-                              [weight(n) for n in ('w_then', 'w_else', 'w_both', 'w_top')])
+                              [weight(n) for n in names])
+    onnx.checker.check_model(helper.make_model(graph, opset_imports=[helper.make_opsetid('', 18)]), full_check=True)
     assert weights_into_branches(graph) == 2
     branches = {a.name: a.g for a in graph.node[0].attribute}
     then_g, else_g = branches['then_branch'], branches['else_branch']
     assert [t.name for t in then_g.initializer] == ['w_then'] and [t.name for t in else_g.initializer] == ['w_else']
-    assert sorted(t.name for t in graph.initializer) == ['w_both', 'w_top']
-    onnx.checker.check_model(helper.make_model(graph, opset_imports=[helper.make_opsetid('', 18)]))
+    assert sorted(t.name for t in graph.initializer) == ['w_both', 'w_then_loop', 'w_then_top', 'w_top']
+    onnx.checker.check_model(helper.make_model(graph, opset_imports=[helper.make_opsetid('', 18)]), full_check=True)
 
 
 @pytest.mark.slow

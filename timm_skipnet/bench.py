@@ -165,7 +165,7 @@ def _run_given_path(skip, x: torch.Tensor, runs: List) -> torch.Tensor:
     bool at batch 1) and no gate computed."""
     blocks = skip.blocks()
     x = blocks[0](skip.maxpool(skip._forward_stem(x)))
-    for block, run in zip(blocks[1:], runs):
+    for block, run in zip(blocks[1:], runs, strict=True):
         if x.shape[0] == 1:
             x = block(x) if run else _shortcut(block, x)
         else:

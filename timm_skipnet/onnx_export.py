@@ -122,19 +122,18 @@ def weights_into_branches(graph) -> int:
     convolution. Batch 1, the shipped SkipNet-38 on 2 threads: 1.86 -> 1.35 ms (docs/deployment.md). Weights both
     branches read (a projection shortcut, or every weight of a batch graph's overflow fallback) stay where they are,
     so no tensor is stored twice. Returns how many moved."""
-    readers = {}
+    readers = {}  # outer name -> every subgraph of a top-level node that reads it (If branches, Loop / Scan bodies)
     for node in graph.node:
-        if node.op_type != 'If':
-            continue
         for attr in node.attribute:
-            for name in _outer_names(attr.g, set()):
-                readers.setdefault(name, []).append(attr.g)
+            if attr.g.node:
+                for name in _outer_names(attr.g, set()):
+                    readers.setdefault(name, []).append((node.op_type, attr.g))
     top = {name for node in graph.node for name in node.input} | {t.name for t in graph.output}
     moved = []
     for t in graph.initializer:
         branches = readers.get(t.name, [])
-        if len(branches) == 1 and t.name not in top:
-            branches[0].initializer.append(t)
+        if len(branches) == 1 and branches[0][0] == 'If' and t.name not in top:
+            branches[0][1].initializer.append(t)
             moved.append(t.name)
     if moved:
         keep = [t for t in graph.initializer if t.name not in set(moved)]
