@@ -325,6 +325,25 @@ def test_batch_one_numpy_lstm_step_gives_the_folded_gates_logits_and_state():
                 torch.testing.assert_close(torch.from_numpy(host_state[1])[None], state[1], rtol=1e-5, atol=1e-6)
 
 
+def test_batch_one_numpy_gate_on_wide_and_large_feature_maps_gives_the_folded_gates_logits():
+    """ImageNet-width gates (256-2048 channels: the projection runs in slices) on maps from 7x7 to 112x112 (above
+    8,192 positions the pooling is torch's): every slicing of the NumPy step must give the torch gate's logit."""
+    model = timm.create_model('skipnet_resnet50').eval()
+    folded = model.gates.folded()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for side in (7, 56, 112):
+            x = torch.randn(1, 3, 224, 224)
+            host = folded.host(x)
+            state, host_state = folded.init_state(x.new_zeros(1, 64, 1, 1)), host.init_state()
+            for k, channels in enumerate(model._gate_in_chs()):
+                feats = torch.rand(1, channels, side, side)
+                logit, state = folded.head_logit(k, feats, state)
+                host_logit, host_state = host.logit(k, feats, host_state)
+                assert abs(logit.item() - host_logit) < 1e-4 * max(1.0, abs(logit.item())), (side, k, channels)
+                torch.testing.assert_close(torch.from_numpy(host_state[1])[None], state[1], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize('gate_type', ['rnn', 'ff1'])
 def test_gates_with_a_fixed_decision_are_computed_only_where_a_later_gate_reads_them(gate_type, monkeypatch):
     """Thresholds 0 / 1 fix gates 0-2 and 4-16; gate 3 decides per image. RNN: gates 0-2 still step the LSTM (gate 3

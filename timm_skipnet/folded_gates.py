@@ -134,7 +134,7 @@ class FoldedRecurrentGates:
 
 
 # OpenBLAS splits a matrix-vector product over its own threads from 9,216 elements on (it then spins them against
-# torch's threads for the same cores): the pooling keeps every BLAS call below that
+# torch's threads for the same cores): the pooling and the projection keep every BLAS call below that
 _ONE_BLAS_CALL = 8192
 
 
@@ -182,11 +182,16 @@ class HostRecurrentGates:
         ones = self._ones.get(size)
         if ones is None:
             ones = self._ones[size] = np.ones(size, np.float32)
-        if channels * size > _ONE_BLAS_CALL:  # one small product per channel: none large enough to start BLAS threads
+        if size > _ONE_BLAS_CALL:  # even one channel would start BLAS threads: torch's own threads pool it
+            pooled = x.detach().sum((2, 3)).reshape(channels).numpy()
+        elif channels * size > _ONE_BLAS_CALL:  # one small product per channel: none large enough for BLAS threads
             pooled = np.matmul(a.reshape(channels, 1, size), ones).reshape(channels)
         else:
             pooled = np.dot(a.reshape(channels, size), ones)
-        z = np.dot(pooled, w)
+        rows = _ONE_BLAS_CALL // w.shape[1]  # the projection too, in slices of input channels below that size
+        z = np.dot(pooled[:rows], w[:rows])
+        for start in range(rows, channels, rows):
+            z += np.dot(pooled[start:start + rows], w[start:start + rows])
         z += self.b_in[index]
         h, c = state
         if h is not None:

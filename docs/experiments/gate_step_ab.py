@@ -3,6 +3,9 @@ inside the shipped SkipNet-38, with the plain ResNet-38 (same weights, every blo
 run over the same test images in a new random order each round; ratios are medians of per-round ratios.
 
     .venv/bin/python docs/experiments/gate_step_ab.py --baseline <commit> [--threads 1] [--rounds 30]
+
+With ``--model skipnet_resnet50 --rate 0.5`` (an untrained model): random gates calibrated as ``timm-skipnet bench``
+does, so about half of the gated blocks run per image, on random 224-px images instead of test images.
 """
 import argparse
 import copy
@@ -14,8 +17,10 @@ import sys
 import tempfile
 import time
 
+import timm
 import torch
 
+from timm_skipnet.bench import calibrate_gates
 from timm_skipnet.data import DataSpec, build_transforms, make_loader
 from timm_skipnet.loading import load_model
 
@@ -41,13 +46,23 @@ def main():
     p.add_argument('--images', type=int, default=60)
     p.add_argument('--rounds', type=int, default=30)
     p.add_argument('--threads', type=int, default=1)
+    p.add_argument('--model', default=SHIPPED)
+    p.add_argument('--rate', type=float, default=0.0, help='an untrained --model: random gates running this share')
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    model = load_model(SHIPPED, pretrained=True).eval()
+    if args.rate:
+        torch.manual_seed(0)
+        model = timm.create_model(args.model).eval()
+        size = model.pretrained_cfg['input_size']
+        with torch.no_grad():
+            calibrate_gates(model, torch.randn(16, *size), args.rate)
+        xs = [torch.randn(1, *size) for _ in range(args.images)]
+    else:
+        model = load_model(args.model, pretrained=True).eval()
+        loader = make_loader(DataSpec(args.data), 'test', build_transforms(model, False), 100, limit=args.images)
+        xs = [x[None] for batch, _, _ in loader for x in batch]
     plain = copy.deepcopy(model)
     plain.set_gate_policy('open')
-    loader = make_loader(DataSpec(args.data), 'test', build_transforms(model, False), 100, limit=args.images)
-    xs = [x[None] for batch, _, _ in loader for x in batch]
     folded = model.gates.folded()
     hosts = {'current': folded.host(xs[0]), 'baseline': module_at(args.baseline).HostRecurrentGates(folded)}
 
@@ -69,7 +84,8 @@ def main():
             for name, net, host in order:
                 times[name].append(us_per_image(net, host))
                 assert model.gates.folded() is folded  # no refold inside a timing
-    print(f'# batch 1, {len(xs)} CIFAR-10 test images, {args.threads} threads, torch {torch.__version__}, '
+    images = 'random' if args.rate else 'CIFAR-10 test'
+    print(f'# {args.model}, batch 1, {len(xs)} {images} images, {args.threads} threads, torch {torch.__version__}, '
           f'{args.rounds} rounds; baseline gate: {args.baseline}')
     print('| variant | us / image | S vs plain |')
     print('|---|---:|---:|')
