@@ -112,8 +112,9 @@ def main():
         ax.plot([r['rl_macs'] for r in same_alpha], [r['rl_top1'] for r in same_alpha], 's', ms=8, color='tab:red',
                 label='--alpha, rl stage (from the shipped backbone)')
         for r in same_alpha:
-            ax.annotate(r['key'][1:], (r['rl_macs'], r['rl_top1']), xytext=(4, -10), textcoords='offset points',
-                        fontsize=7)
+            seeded = 'seed' in r['key']  # above its point: a seed's twin sits close by
+            ax.annotate(r['key'][1:].replace('seed', ', seed '), (r['rl_macs'], r['rl_top1']),
+                        xytext=(-40, 8) if seeded else (4, -10), textcoords='offset points', fontsize=7)
     for marker, color, start in (('*', 'black', 't'), ('s', 'tab:red', 'a')):
         done = sorted((r for k, r in same.items() if k.startswith(start) and 'ft_top1' in r),
                       key=lambda r: r['ft_macs'])
