@@ -106,6 +106,19 @@ def test_bench_refuses_a_cuda_device_it_cannot_see_with_the_fix():
         args.func(args)
 
 
+def test_bench_aoti_mode_asks_for_a_trained_model_on_real_images(monkeypatch):
+    import argparse
+
+    from timm_skipnet import aoti_export
+    from timm_skipnet.bench import add_parser
+    monkeypatch.setattr(aoti_export, 'export_aoti', lambda *a, **k: pytest.fail('built a package without --data'))
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(['bench', '--mode', 'aoti', '--model', 'skipnet_resnet50'])
+    with pytest.raises(SystemExit, match='--mode aoti.*add --data'):
+        args.func(args)
+
+
 @pytest.mark.parametrize('gate_type', ['rnn', 'ff1'])
 def test_each_timed_variant_runs_its_own_gates_in_any_order_without_refolding(gate_type, monkeypatch):
     """The all-open and rate-0.5 rows run their own gates whatever ran before them, and a timed call never refolds

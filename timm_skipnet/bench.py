@@ -16,6 +16,7 @@ in): its S is the most skipping can give on this hardware, where a MAC does not 
 """
 import copy
 import functools
+import os
 import random
 import statistics
 import time
@@ -246,10 +247,11 @@ def device_name(device: str) -> str:
 def run_images_bench(model_id: str, data: str, batch_sizes: Sequence[int] = (1, 8, 64, 256),
                      compile: bool = False, images: int = 2048, device: str = 'cpu', rounds: int = 3,
                      overflow: str = 'exact', compile_mode: str = 'default', graph: bool = False,
-                     checkpoint: str = '') -> List[Dict]:
+                     checkpoint: str = '', aoti: bool = False) -> List[Dict]:
     """A trained SkipNet on real images (its own per-image decisions) against the same weights with every gate
-    open (no gate computed: the plain ResNet), both eager, both compiled or both CUDA graphs. Batch 1 times the
-    first 200 images. ``checkpoint``: weights loaded on top (e.g. hardened thresholds)."""
+    open (no gate computed: the plain ResNet), both eager, both compiled, both CUDA graphs or both AOTInductor
+    packages (``aoti``: built per batch size, :mod:`timm_skipnet.aoti_export`). Batch 1 times the first 200 images.
+    ``checkpoint``: weights loaded on top (e.g. hardened thresholds)."""
     from .accounting import measure_mac_table as _table
     from .data import DataSpec, build_transforms, make_loader
     from .loading import load_model
@@ -270,18 +272,31 @@ def run_images_bench(model_id: str, data: str, batch_sizes: Sequence[int] = (1, 
         if n == 0:
             raise ValueError(f'batch size {bs} is larger than the {len(xs)} images timed; lower it or raise --images.')
         timed = (model, baseline)
-        if graph:
+        if aoti:
+            timed = _aoti_packages(timed, bs)
+        elif graph:
             from .cuda_graphs import CUDAGraphed
             timed = tuple(CUDAGraphed(m, xs[:bs].to(device)) for m in timed)
         elif compile:
             torch._dynamo.reset()
             timed = tuple(torch.compile(m, fullgraph=True, dynamic=False, mode=compile_mode) for m in timed)
         r = speedup_on_images(timed[0], timed[1], xs[:n], ((bs, n),), rounds=rounds, device=device)[bs]
-        mode = 'CUDA graph' if graph else 'compiled' if compile else 'eager'
+        mode = 'AOTInductor' if aoti else 'CUDA graph' if graph else 'compiled' if compile else 'eager'
         rows.append(dict(batch=bs, mode=mode, images=n, ideal_R=ideal,
                          skipnet_img_per_s=r['model_img_per_s'], plain_img_per_s=r['baseline_img_per_s'],
                          speedup_S=r['speedup'], eta=r['speedup'] / ideal))
     return rows
+
+
+def _aoti_packages(models, batch_size: int) -> tuple:
+    """Each model built into an AOTInductor package for ``batch_size`` and loaded (the files live in a temporary
+    folder only while they load: a loaded package keeps its own copy of the compiled library)."""
+    import tempfile
+
+    from .aoti_export import export_aoti, load_aoti
+    with tempfile.TemporaryDirectory() as tmp:
+        return tuple(load_aoti(export_aoti(m, os.path.join(tmp, f'model{i}.pt2'), batch_size=batch_size))
+                     for i, m in enumerate(models))
 
 
 def format_images_table(rows: List[Dict]) -> str:
@@ -312,11 +327,16 @@ def main(args) -> None:
         return
     if args.mode == 'graph' and not args.device.startswith('cuda'):
         raise SystemExit('--mode graph records CUDA graphs: add --device cuda (on a GPU machine).')
-    modes = {'eager': ['eager'], 'compiled': ['compiled'], 'both': ['eager', 'compiled'], 'graph': ['graph']}[args.mode]
+    modes = {'eager': ['eager'], 'compiled': ['compiled'], 'both': ['eager', 'compiled'], 'graph': ['graph'],
+             'aoti': ['aoti']}[args.mode]
+    if args.mode == 'aoti' and not args.data:
+        raise SystemExit('--mode aoti times a trained model on real images: add --data <dataset> (and a trained '
+                         '--model, e.g. local-dir:hub_configs/skipnet_resnet38_cifar.cifar10).')
     if args.data:
         rows = [r for m in modes for r in run_images_bench(
             args.model, args.data, args.batch_sizes, compile=m == 'compiled', images=args.images, device=args.device,
-            overflow=args.overflow, compile_mode=args.compile_mode, graph=m == 'graph', checkpoint=args.checkpoint)]
+            overflow=args.overflow, compile_mode=args.compile_mode, graph=m == 'graph', checkpoint=args.checkpoint,
+            aoti=m == 'aoti')]
         weights = f' + {args.checkpoint}' if args.checkpoint else ''
         print(f'# {args.model}{weights} vs the same weights with every gate open, on {args.data} test images, {where}, '
               f'torch {torch.__version__}')
@@ -346,9 +366,10 @@ def add_parser(sub) -> None:
     p.add_argument('--device', default='cpu', help='cpu | cuda | cuda:N (GPU timings wait for the kernels)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--output', default='', help='also write the rows as JSON')
-    p.add_argument('--mode', default='eager', choices=('eager', 'compiled', 'both', 'graph'),
+    p.add_argument('--mode', default='eager', choices=('eager', 'compiled', 'both', 'graph', 'aoti'),
                    help='eager, or every variant under torch.compile(fullgraph=True), or both (like with like); '
-                        'graph: every variant recorded as one CUDA graph (--device cuda)')
+                        'graph: every variant recorded as one CUDA graph (--device cuda); aoti: every variant '
+                        'built into an AOTInductor package (with --data)')
     p.add_argument('--data', default='', help='time a trained --model (local-dir:, hf-hub:) on this dataset\'s test '
                    'images instead of synthetic gates, e.g. ../shared/data/cifar10/plain')
     p.add_argument('--overflow', default='exact', choices=('exact', 'shortcut'),

@@ -4,7 +4,8 @@ import importlib
 import sys
 
 # modules that define add_parser(subparsers); each may add one or more subcommands
-_MODULES = ('train', 'evaluation', 'thresholds', 'bench', 'hub', 'original', 'analysis', 'onnx_export')
+_MODULES = ('train', 'evaluation', 'thresholds', 'bench', 'hub', 'original', 'analysis', 'onnx_export',
+            'aoti_export')
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from .folded_gates import FoldedRecurrentGates
 from .gates import RecurrentGates
+from .skipnet import export_without_fixed_layout
 
 
 class _ExportRecurrentGates(nn.Module):
@@ -61,8 +62,10 @@ def prepare_for_export(model) -> nn.Module:
     now: the thresholds as constants (a forced gate becomes a plain block or shortcut; the others one compare) and,
     for RNN gates, the folded gates of :class:`_ExportRecurrentGates`. For its logits only: a snapshot of the
     thresholds and weights (later changes to ``model`` do not reach it), and its RNN gates return (B, 1) logits, so
-    ``forward_with_gates`` does not apply to it."""
+    ``forward_with_gates`` does not apply to it. A prepared copy prepares as a copy of itself."""
     net = copy.deepcopy(model).eval()
+    if getattr(net, '_constant_thresholds', None) is not None:
+        return net
     net.set_execution('static')
     net._greedy_rules()  # the thresholds as Python floats, with the forced gates marked
     net._constant_thresholds = list(zip(net._rules, net._threshold_floats))
@@ -83,7 +86,7 @@ def export_onnx(model, path: str, batch_size: int = 1, input_size: Optional[Sequ
     net = prepare_for_export(model)
     size = tuple(input_size or net.pretrained_cfg.get('input_size') or (3, 224, 224))
     x = torch.randn(batch_size, *size)
-    with torch.no_grad():
+    with torch.no_grad(), export_without_fixed_layout():
         program = torch.onnx.export(net, (x,), dynamo=True, optimize=True, verbose=False,
                                     input_names=['pixel_values'], output_names=['logits'])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

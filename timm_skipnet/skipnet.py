@@ -154,12 +154,29 @@ def _block_and_shortcut(block: nn.Module, x: torch.Tensor,
     return y, short
 
 
+_EXPORT_LAYOUT = threading.local()  # .fixed: False while a graph runtime that needs no fixed layout exports
+
+
+@contextlib.contextmanager
+def export_without_fixed_layout():
+    """Export the ``torch.cond`` operands in whatever layout they have: for runtimes other than inductor (ONNX), to
+    which the fixed layout of :func:`_fixed_layout` would only add transposes."""
+    previous = getattr(_EXPORT_LAYOUT, 'fixed', True)
+    _EXPORT_LAYOUT.fixed = False
+    try:
+        yield
+    finally:
+        _EXPORT_LAYOUT.fixed = previous
+
+
 def _fixed_layout(x: torch.Tensor) -> torch.Tensor:
-    """Under compile, one memory layout for every ``torch.cond`` operand and branch output: inductor's conv layout
-    optimisation may otherwise hand a branch graph a channels-last tensor it was not traced for, and both branches
-    must return the same strides. Eager calls and export (no inductor: the layout would only add transposes) keep
-    their layout."""
-    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+    """Under compile and export, one memory layout for every ``torch.cond`` operand and branch output: inductor's
+    conv layout optimisation may otherwise hand a branch graph a channels-last tensor it was not traced for (under
+    ``torch.compile`` a size assert fails; AOTInductor, which compiles the exported program without those asserts,
+    silently computes wrong logits), and both branches must return the same strides. Eager calls keep their layout,
+    as do exports inside :func:`export_without_fixed_layout`."""
+    if torch.compiler.is_compiling() and (not torch.compiler.is_exporting()
+                                          or getattr(_EXPORT_LAYOUT, 'fixed', True)):
         return x.contiguous(memory_format=torch.channels_last)
     return x
 
