@@ -16,7 +16,8 @@
 #   budget-ft (optional) the same short ft ($FT_EPOCHS epochs, gates frozen, distilled from the shipped model with every
 #             gate open, averaged by SWA) after every budget and budget-alpha run
 #   (the budget steps train with seed $SEED; a seed other than 0 adds "seed<N>" to their run names; TARGETS="" or
-#   ALPHAS="" leaves that kind out)
+#   ALPHAS="" leaves that kind out; MACS_KP=K adds --macs-lambda-kp K, the multiplier's proportional gain, to the
+#   budget runs and "kp<K>" to their names)
 # Then `.venv/bin/python examples/cifar10_report.py` chooses, exports to hub_configs/, plots and times. Every step
 # checkpoints each epoch and resumes where it stopped. About 5 h on a 2-core CPU with bf16 (avx512_bf16). How this
 # recipe was found, with the commands of every other run: docs/experiments/cifar10.md.
@@ -25,7 +26,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${CIFAR10_DIR:-../shared/data/cifar10/plain} RUNS=${RUNS:-runs} PY=${PYTHON:-.venv/bin/python}
 ALPHA=${ALPHA:-0.7} SEED=${SEED:-0} TARGETS=${TARGETS-0.7 0.55 0.4} ALPHAS=${ALPHAS-1.0 0.75}
-FT_EPOCHS=${FT_EPOCHS:-5}
+FT_EPOCHS=${FT_EPOCHS:-5} MACS_KP=${MACS_KP:-0}
 SHIPPED=local-dir:hub_configs/skipnet_resnet38_cifar.cifar10
 # TRAIN_EXTRA: trainer flags for this machine (e.g. "--workers 4" on a GPU host); none change the recipe
 # shellcheck disable=SC2206
@@ -43,6 +44,7 @@ run() {  # run <name> <flags...>: skipped when finished, resumed when a checkpoi
 
 steps=("$@"); (( ${#steps[@]} )) || steps=(backbone teacher baseline rl ft)
 suffix=$([[ $SEED == 0 ]] || echo "seed$SEED")
+kp_suffix=$([[ $MACS_KP == 0 ]] || echo "kp$MACS_KP")
 for step in "${steps[@]}"; do
   case $step in
     backbone) run c10_r38_dp --stage base --seed 0 --epochs 100 --lr 0.1 --weight-decay 5e-4 --sched cosine \
@@ -62,17 +64,17 @@ for step in "${steps[@]}"; do
               run c10_r38_paper_rl_a0.1 --stage rl --seed 0 --initial-checkpoint "$RUNS/c10_r38_paper_sp/model" \
                   --steps 10000 --lr 1e-4 --sched none --weight-decay 1e-4 --alpha 0.1 --amp no ;;
     budget)   for T in $TARGETS; do
-                run "c10_r38_shipped_rl_t$T$suffix" --stage rl --seed "$SEED" --initial-checkpoint "$SHIPPED" \
+                run "c10_r38_shipped_rl_t$T$suffix$kp_suffix" --stage rl --seed "$SEED" --initial-checkpoint "$SHIPPED" \
                   --reset-gates --gate-init-bias 0 --epochs 10 --lr 0.01 --weight-decay 1e-4 --sched cosine \
                   --rl-baseline batch_mean --rl-warmup-epochs 3 --drop-path 0.1 --eval-every-epochs 5 \
-                  --target-macs "$T" --macs-lambda-init 0.7
+                  --target-macs "$T" --macs-lambda-init 0.7 --macs-lambda-kp "$MACS_KP"
               done ;;
     budget-alpha) for A in $ALPHAS; do
                 run "c10_r38_shipped_rl_a$A$suffix" --stage rl --seed "$SEED" --initial-checkpoint "$SHIPPED" \
                   --reset-gates --gate-init-bias 0 --epochs 10 --lr 0.01 --weight-decay 1e-4 --sched cosine \
                   --rl-baseline batch_mean --rl-warmup-epochs 3 --drop-path 0.1 --eval-every-epochs 5 --alpha "$A"
               done ;;
-    budget-ft) for rl_run in $(for T in $TARGETS; do echo "t$T$suffix"; done) \
+    budget-ft) for rl_run in $(for T in $TARGETS; do echo "t$T$suffix$kp_suffix"; done) \
                           $(for A in $ALPHAS; do echo "a$A$suffix"; done); do
                 run "c10_r38_shipped_ft${FT_EPOCHS}_$rl_run" --stage ft --seed "$SEED" \
                   --initial-checkpoint "$RUNS/c10_r38_shipped_rl_$rl_run/model" --distill-from "${SHIPPED#local-dir:}" \

@@ -20,6 +20,7 @@ from timm_skipnet.rewards import (
     dual_ascent,
     hybrid_rl_loss,
     parse_target_macs,
+    pi_multiplier,
 )
 from timm_skipnet.train import TrainConfig, stage_loss, train
 
@@ -116,6 +117,22 @@ def test_multiplier_update_is_projected_dual_ascent_by_hand():
     assert dual_ascent(0.3, mean_share=0.90, target_share=0.55, lr=0.0) == 0.3  # lr 0: a fixed price
 
 
+def test_pi_price_adds_the_proportional_term_to_the_integral_and_without_it_is_dual_ascent():
+    # above the budget the price leads the integral, below it falls at once
+    assert pi_multiplier(1.0, mean_share=0.50, target_share=0.40, lr=0.02, kp=10.0) == (
+        pytest.approx(1.002), pytest.approx(1.002 + 1.0))
+    assert pi_multiplier(1.0, mean_share=0.35, target_share=0.40, lr=0.02, kp=10.0) == (
+        pytest.approx(0.999), pytest.approx(0.999 - 0.5))
+    assert pi_multiplier(0.2, mean_share=0.30, target_share=0.40, lr=0.02, kp=10.0) == (pytest.approx(0.198), 0.0)
+    for share in (0.2, 0.5, 0.9):
+        assert pi_multiplier(0.3, share, 0.55, 0.5, kp=0.0) == (dual_ascent(0.3, share, 0.55, 0.5),) * 2
+    table = measure_mac_table(timm.create_model('skipnet_resnet38_cifar'))
+    budget = MacsBudget.from_target(table, '0.4', multiplier=0.7)
+    assert budget.integral == 0.7
+    budget.update(0.35, lr=0.02, kp=10.0)
+    assert (budget.integral, budget.multiplier) == (pytest.approx(0.699), pytest.approx(0.199))
+
+
 # ---- the budget's syntax and range ---------------------------------------------------------------------------------
 def test_target_macs_reads_a_share_a_percentage_or_macs_with_a_unit():
     assert parse_target_macs('0.6') == ('share', 0.6)
@@ -144,6 +161,7 @@ def test_a_bad_or_unreachable_budget_is_refused_naming_the_syntax_or_the_range(t
     (dict(stage='rl', target_macs='60'), 'add the unit'),
     (dict(stage='rl', target_macs='0.6', macs_lambda_lr=-0.1), 'must be finite and >= 0'),
     (dict(stage='rl', target_macs='0.6', macs_lambda_init=float('nan')), 'must be finite and >= 0'),
+    (dict(stage='rl', target_macs='0.6', macs_lambda_kp=-1.0), '--macs-lambda-kp -1.0'),
 ])
 def test_impossible_budget_settings_fail_before_any_work(tmp_path, settings, message):
     with pytest.raises(ValueError, match=message):
@@ -207,7 +225,7 @@ def test_sampled_macs_move_toward_the_target_from_above_and_from_below(cifar10_d
 def test_resume_restores_the_multiplier_bit_exactly_and_refuses_a_changed_budget(cifar10_dir, tmp_path):
     # 8 updates per epoch: the first 2 are rl warm-up, where lambda must hold still; stop at 4, resume to 6
     kw = dict(steps=6, target_macs='0.3', macs_lambda_init=0.25, rl_warmup_epochs=0.25, checkpoint_every=2,
-              keep_checkpoints=10)
+              keep_checkpoints=10, macs_lambda_kp=0.5)
     out = tmp_path / 'run'
     train(_cfg(cifar10_dir, out, **kw))
     lams = [r['macs_lambda'] for r in _logged(out)]
@@ -223,11 +241,13 @@ def test_resume_restores_the_multiplier_bit_exactly_and_refuses_a_changed_budget
     train(_cfg(cifar10_dir, out, resume=str(out), **kw))
     resumed = json.loads((ckpts / 'step_0000006' / 'trainer_state.json').read_text())
     assert resumed['macs_multiplier'] == state[6]['macs_multiplier']  # bit for bit: the same float
+    assert resumed['macs_integral'] == state[6]['macs_integral'] != resumed['macs_multiplier']  # the PI state too
     weights = load_file(str(ckpts / 'step_0000006' / 'model.safetensors'))
     assert all(torch.equal(weights[k], straight[k]) for k in straight)
     # another budget, or none, would chase a different target with this multiplier: refused, naming the flag
     for change, message in ((dict(target_macs='0.5'), r"--target-macs '0.3' \(now '0.5'\)"),
-                            (dict(target_macs=''), r"--target-macs '0.3' \(now ''\)")):
+                            (dict(target_macs=''), r"--target-macs '0.3' \(now ''\)"),
+                            (dict(macs_lambda_kp=0.0), r"--macs-lambda-kp 0.5 \(now 0.0\)")):
         AcceleratorState._reset_state(True)
         with pytest.raises(ValueError, match=message):
             train(_cfg(cifar10_dir, out, resume=str(out), **{**kw, **change}))

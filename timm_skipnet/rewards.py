@@ -13,11 +13,12 @@ exact MACs M_b (accounting.MacTable, gates included), relative to the budget T a
     return  G_{K+1} = -beta * CE_b - lambda * (M_floor - T) / F  (M_floor: every gated block skipped)
 so that with gamma = 1 the first gate's return is -beta * CE_b - lambda * (M_b - T) / F, and gate k's return counts
 only the MACs of the decisions from k on. The multiplier lambda >= 0 follows dual ascent on the batch's mean MACs
-(:func:`dual_ascent`), so the mean lands on the budget while every image keeps its own price-weighted trade-off.
+(:func:`dual_ascent`), so the mean lands on the budget while every image keeps its own price-weighted trade-off; an
+optional proportional term (:func:`pi_multiplier`) damps the overshoot of a policy that answers the price late.
 """
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -86,7 +87,16 @@ class MacsBudget:
     cross-entropy per full network and means the same for any model size."""
     table: 'object'  # accounting.MacTable
     target_macs: float  # T, MACs per image
-    multiplier: float = 0.0  # lambda >= 0
+    multiplier: float = 0.0  # lambda >= 0, the price in the rewards
+    integral: Optional[float] = None  # the PI controller's integral; None: equal to the multiplier
+
+    def __post_init__(self):
+        if self.integral is None:
+            self.integral = self.multiplier
+
+    def update(self, mean_share: float, lr: float, kp: float = 0.0) -> None:
+        """One step of the price after an update whose sampled paths spent ``mean_share`` of the full MACs."""
+        self.integral, self.multiplier = pi_multiplier(self.integral, mean_share, self.target_share, lr, kp)
 
     @classmethod
     def from_target(cls, table, text: str, multiplier: float = 0.0) -> 'MacsBudget':
@@ -143,6 +153,17 @@ def dual_ascent(multiplier: float, mean_share: float, target_share: float, lr: f
     """lambda <- max(0, lambda + lr * (mean sampled MACs share - target share)): the price rises while the batches
     spend more than the budget, falls while they spend less, and never turns into a reward for running blocks."""
     return max(0.0, multiplier + lr * (mean_share - target_share))
+
+
+def pi_multiplier(integral: float, mean_share: float, target_share: float, lr: float,
+                  kp: float) -> Tuple[float, float]:
+    """(integral, lambda) after one update of a PI-controlled price (Stooke et al., 2020, "PID Lagrangian methods"):
+    integral <- max(0, integral + lr * e), lambda = max(0, integral + kp * e), e = mean share - target share.
+    The policy answers the price with a lag of hundreds of updates; the integral alone keeps rising through that
+    lag and overshoots the budget. The proportional term prices the current error at once, so it falls as soon as
+    the MACs cross the budget. kp = 0 is plain dual ascent (lambda == integral)."""
+    integral = dual_ascent(integral, mean_share, target_share, lr)
+    return integral, max(0.0, integral + kp * (mean_share - target_share))
 
 
 def gate_entropy(probs: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

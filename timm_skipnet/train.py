@@ -101,6 +101,10 @@ class TrainConfig:
     macs_lambda_lr: float = field(default=0.02, metadata=dict(help=(
         'rl with --target-macs: dual-ascent step, lambda <- max(0, lambda + lr * (batch mean MACs share - target '
         'share)) after every update; 0 keeps lambda fixed')))
+    macs_lambda_kp: float = field(default=0.0, metadata=dict(help=(
+        'rl with --target-macs: proportional gain of the price, lambda = max(0, integral + kp * (batch mean MACs '
+        'share - target share)), the integral stepped as --macs-lambda-lr says; damps the overshoot of a policy '
+        'that answers the price late (0: plain dual ascent)')))
     distill_from: str = field(default='', metadata=dict(help=(
         'teacher weights (exported folder or .safetensors) of the same architecture, run as --distill-gates says; '
         'adds a distillation term to the cross-entropy')))
@@ -345,10 +349,12 @@ def check_target_macs(cfg: TrainConfig) -> None:
     """``--target-macs`` and its multiplier's settings, refused before any work; the budget's range is checked
     against the model's MAC table once it is measured (rewards.MacsBudget.from_target)."""
     from .rewards import parse_target_macs
-    lam, lr = cfg.macs_lambda_init, cfg.macs_lambda_lr
-    if not (math.isfinite(lam) and math.isfinite(lr) and lam >= 0 and lr >= 0):
-        raise ValueError(f'--macs-lambda-init and --macs-lambda-lr must be finite and >= 0 (a negative price would '
-                         f'reward running blocks), got {cfg.macs_lambda_init} and {cfg.macs_lambda_lr}.')
+    settings = dict(init=cfg.macs_lambda_init, lr=cfg.macs_lambda_lr, kp=cfg.macs_lambda_kp)
+    bad = {k: v for k, v in settings.items() if not (math.isfinite(v) and v >= 0)}
+    if bad:
+        raise ValueError('--macs-lambda-init, --macs-lambda-lr and --macs-lambda-kp must be finite and >= 0 (a '
+                         'negative price would reward running blocks), got '
+                         + ', '.join(f'--macs-lambda-{k} {v}' for k, v in bad.items()) + '.')
     if not cfg.target_macs:
         return
     if cfg.stage != 'rl':
@@ -452,7 +458,7 @@ def _load_ema(ema, ckpt: str) -> None:
 # the settings that fix what an update and an epoch are: resuming with others would silently change the schedule
 SCHEDULE_KEYS = ('batch_size', 'grad_accum_steps', 'train_num_samples', 'epochs', 'steps', 'sched', 'lr')
 # the budget and its multiplier's step: a resumed run with others would chase another target with the old lambda
-BUDGET_KEYS = ('target_macs', 'macs_lambda_lr')
+BUDGET_KEYS = ('target_macs', 'macs_lambda_lr', 'macs_lambda_kp')
 
 
 # at a constant learning rate (--sched none) nothing depends on the run's length: a finished run may be extended
@@ -479,7 +485,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     from .data import DataSpec, build_transforms, make_loader
     from .evaluation import collect, format_summary, summarize
     from .export import export_folder
-    from .rewards import MacsBudget, dual_ascent
+    from .rewards import MacsBudget
 
     if cfg.stage not in STAGE_POLICY:
         raise ValueError(f"--stage must be one of {list(STAGE_POLICY)}, got {cfg.stage!r}.")
@@ -549,13 +555,15 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
              f'{total_steps} updates, {mac_table.full_macs / 1e6:.1f} MMACs full')
     if budget is not None:
         log.info(f'budget: {budget.target_macs / 1e6:.2f} MMACs per image ({budget.target_share:.1%} of full), '
-                 f'multiplier {budget.multiplier:.4g}, dual step {cfg.macs_lambda_lr:g}')
+                 f'multiplier {budget.multiplier:.4g}, dual step {cfg.macs_lambda_lr:g}, '
+                 f'proportional gain {cfg.macs_lambda_kp:g}')
 
     def save(final: bool = False, bn_updated: Optional[nn.Module] = None) -> str:
         state = dict(global_step=global_step, stage=cfg.stage, arch=arch, model_args=model_args,
                      config=dataclasses.asdict(cfg), num_processes=world, final=final, reproducible=reproducible)
         if budget is not None:
             state['macs_multiplier'] = budget.multiplier  # a JSON float round-trips exactly
+            state['macs_integral'] = budget.integral
         return save_checkpoint(accelerator, cfg.output, state, cfg.keep_checkpoints,
                                write_extra=None if ema is None else lambda d: _save_ema(ema, d, bn_updated))
 
@@ -634,8 +642,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             if budget is not None and rl_on:  # the price holds still while --rl-warmup-epochs keeps REINFORCE off
                 mean_share = _global_mean(accelerator, share_sum, share_n)
                 if mean_share is not None:
-                    budget.multiplier = dual_ascent(budget.multiplier, mean_share, budget.target_share,
-                                                    cfg.macs_lambda_lr)
+                    budget.update(mean_share, cfg.macs_lambda_lr, cfg.macs_lambda_kp)
             global_step += 1
             if ema is not None:
                 ema.update(accelerator.unwrap_model(model), step=global_step)
@@ -739,6 +746,7 @@ def _restore_multiplier(budget, saved: Dict[str, Any], ckpt: str) -> None:
         raise ValueError(f'{ckpt} was trained without --target-macs (no multiplier saved): resume it without, or '
                          f'start a budget run from its weights with --initial-checkpoint.')
     budget.multiplier = float(saved['macs_multiplier'])
+    budget.integral = float(saved.get('macs_integral', budget.multiplier))  # without a P term they are equal
 
 
 def _global_mean(accelerator, total: float, count: int) -> Optional[float]:
